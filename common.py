@@ -1,0 +1,707 @@
+"""Shared pieces of the three train_*.py scripts: flags, data, model, training loop, metrics, results.
+
+Read top to bottom: flags -> CPU setup -> data -> model -> parameter accounting -> train/evaluate
+-> metrics -> results CSV. Everything runs on the CPU.
+"""
+import argparse
+import csv
+import datetime
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+try:
+    import fcntl  # POSIX file locks (macOS, Linux); not on Windows
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lora
+
+BACKBONE = "vit_tiny_patch16_224"
+PATCH = 16
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_RESULTS = os.path.join(HERE, "results_week1.csv")
+CSV_COLUMNS = [
+    # the nine columns other tools rely on, in this order
+    "ts", "method", "dataset", "backbone", "tuned_params_%", "acc@1", "ece", "train_time_s", "epochs",
+    # what someone needs to reproduce the row
+    "time_per_epoch_s", "eval_time_s", "img_size", "train_samples", "eval_samples", "batch_size",
+    "lr", "weight_decay", "seed", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+    "train_head", "precision", "threads", "weights", "torch", "calibration_file",
+]
+# Per-method default learning rates (AdamW, cosine schedule with linear warmup). LoRA factors
+# start at B=0 and move the function through a rank-8 product scaled by alpha/r=2, so 1e-3 is
+# the usual PEFT range; LayerNorm gains/biases are few, sit near 1/0 and only rescale features,
+# so NormTune needs a larger step (5e-3) to change the function as much in one epoch.
+DEFAULT_LR = {"lora": 1e-3, "normtune": 5e-3, "hybrid": 1e-3}
+
+
+class UsageError(Exception):
+    """A flag value is wrong: exit code 2."""
+
+
+class RunError(Exception):
+    """The run cannot go on (data, weights, results file, diverging loss): exit code 1."""
+
+
+def main(run):
+    """Run a script's main(); turn our errors and Ctrl-C into one clear line and an exit code."""
+    try:
+        run()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C): stopped before the end; no row was written to the results file.",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------- flags
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return v
+
+
+def _nonnegative_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
+def _dropout(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return v
+
+
+def _img_size(text):
+    v = _positive_int(text)
+    if v % PATCH:
+        raise argparse.ArgumentTypeError(
+            f"must be a multiple of the patch size {PATCH} (e.g. 32, 64, 112, 224), got {v}")
+    return v
+
+
+def _lora_targets(text):
+    try:
+        return lora.parse_targets(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def build_parser(method: str, doc: str) -> argparse.ArgumentParser:
+    uses_lora = method in ("lora", "hybrid")
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training set")
+    g.add_argument("--batch-size", type=_positive_int, default=32, help="images per step")
+    g.add_argument("--lr", type=_positive_float, default=DEFAULT_LR[method], help="peak AdamW learning rate")
+    g.add_argument("--weight-decay", type=_nonnegative_float, default=0.01,
+                   help="AdamW weight decay on matrices (LoRA factors, head weight); never on norms/biases")
+    g.add_argument("--seed", type=int, default=0, help="seeds subsets, shuffling, augmentation and inits")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto = bf16 autocast if this CPU has native bf16 (AVX512-BF16/AMX), else fp32")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (about 30 s warm-up)")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch threads (default: number of physical cores)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default=os.path.join("~", ".torch"),
+                   help="CIFAR-10 root (downloads here if missing), or an ImageFolder tree with train/ and test/")
+    g.add_argument("--img-size", type=_img_size, default=224,
+                   help="input resolution, a multiple of 16; the position embedding is resampled by timm")
+    g.add_argument("--train-samples", type=_positive_int, default=None,
+                   help="seeded class-balanced training subset (default: all 50,000)")
+    g.add_argument("--eval-samples", type=_positive_int, default=None,
+                   help="seeded class-balanced test subset (default: all 10,000)")
+    g = p.add_argument_group("model")
+    w = g.add_mutually_exclusive_group()
+    w.add_argument("--weights", default=None, metavar="PATH",
+                   help="local vit_tiny_patch16_224 checkpoint (.safetensors/.pth/.bin) instead of downloading")
+    w.add_argument("--no-pretrained", action="store_true", help="random init (numbers are NOT meaningful results)")
+    g.add_argument("--no-train-head", action="store_true", help="freeze the new classifier head too")
+    if uses_lora:
+        g = p.add_argument_group("LoRA")
+        g.add_argument("--lora-r", type=_positive_int, default=8, help="rank r of B·A")
+        g.add_argument("--lora-alpha", type=_positive_float, default=16.0, help="scaling = alpha / r")
+        g.add_argument("--lora-dropout", type=_dropout, default=0.0, help="dropout on the LoRA input, in [0, 1)")
+        g.add_argument("--lora-targets", type=_lora_targets, default=lora.VALID_TARGETS,
+                       help="comma-separated nn.Linear names in each block: " + ",".join(lora.VALID_TARGETS))
+    g = p.add_argument_group("output")
+    g.add_argument("--results", default=DEFAULT_RESULTS, help="results CSV to append one row to")
+    g.add_argument("--save-adapter", default=None, metavar="PATH",
+                   help="save only the trained parameters + settings (for evaluate.py)")
+    return p
+
+
+def parse_args(method: str, doc: str, argv=None) -> argparse.Namespace:
+    p = build_parser(method, doc)
+    args = p.parse_args(argv)
+    args.method = method
+    if not hasattr(args, "lora_r"):  # NormTune: no LoRA flags, record them as empty
+        args.lora_r = args.lora_alpha = args.lora_dropout = None
+        args.lora_targets = ()
+    args.data_dir = os.path.expanduser(args.data_dir)
+    args.results = os.path.abspath(os.path.expanduser(args.results))
+    try:
+        check_results_file(args.results)
+    except UsageError as e:
+        p.error(str(e))
+    if args.save_adapter:
+        args.save_adapter = os.path.abspath(os.path.expanduser(args.save_adapter))
+        folder = os.path.dirname(args.save_adapter)
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            p.error(f"--save-adapter: folder {folder} does not exist or is not writable; create it or pick another path")
+    return args
+
+
+# ----------------------------------------------------------------------------- CPU
+
+def physical_cores() -> int:
+    """Physical cores this process may use: hyper-threads slow PyTorch's CPU kernels down."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = None
+    if sys.platform == "darwin":
+        try:
+            cores = int(subprocess.run(["sysctl", "-n", "hw.physicalcpu"], capture_output=True,
+                                       text=True, timeout=5).stdout)
+        except (OSError, ValueError, subprocess.SubprocessError):
+            pass
+    elif os.path.exists("/proc/cpuinfo"):
+        pairs, phys = set(), None
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    phys = val.strip()
+                elif key == "core id":
+                    pairs.add((phys, val.strip()))
+        cores = len(pairs) or None
+    return max(1, min(cores or logical, logical))
+
+
+def cpu_has_native_bf16() -> bool:
+    """True if the CPU reports AVX512-BF16 or AMX-BF16 (x86), where bf16 matmul beats fp32."""
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"],
+                                 capture_output=True, text=True, timeout=5).stdout.upper()
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return "AVX512BF16" in out or "AMX_BF16" in out or "AMXBF16" in out
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split()
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def resolve_precision(choice: str) -> str:
+    return ("bf16" if cpu_has_native_bf16() else "fp32") if choice == "auto" else choice
+
+
+def autocast(precision: str):
+    """bf16 autocast for the forward pass; the caller keeps loss/softmax in fp32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=(precision == "bf16"))
+
+
+def setup_cpu(args):
+    args.threads = args.threads or physical_cores()
+    torch.set_num_threads(args.threads)
+    args.precision = resolve_precision(args.precision)
+    torch.manual_seed(args.seed)
+    print(f"cpu: {args.threads} threads, precision {args.precision}"
+          f" (native bf16: {'yes' if cpu_has_native_bf16() else 'no'}), torch {torch.__version__}")
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, 3, 32, 32) uint8, decoded once
+    labels: torch.Tensor  # (N,) int64
+    classes: list
+
+
+def balanced_subset(labels, n, seed: int) -> torch.Tensor:
+    """Indices of a seeded, class-balanced subset of size n (all indices if n is None).
+
+    Each class is shuffled with the seed, then classes are taken round-robin, so any n gets
+    n // C images per class (the first n % C classes one more) while classes last.
+    """
+    labels = torch.as_tensor(labels)
+    if n is None:
+        return torch.arange(len(labels))
+    g = torch.Generator().manual_seed(seed)
+    rank = torch.empty(len(labels), dtype=torch.long)
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        rank[idx[torch.randperm(len(idx), generator=g)]] = torch.arange(len(idx))
+    order = torch.argsort(rank * (int(labels.max()) + 1) + labels)  # by rank, then class
+    return order[:n].sort().values
+
+
+def _decode_images(paths) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+    out = np.empty((len(paths), 32, 32, 3), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")  # grayscale / palette / RGBA -> RGB
+                if im.size != (32, 32):
+                    im = im.resize((32, 32), Image.BILINEAR)
+                out[i] = np.asarray(im)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise RunError(f"could not read image {path} ({e}). Delete or replace that file, "
+                           f"or point --data-dir at an intact copy of the dataset.")
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _imagefolder_split(root, n, seed, flag):
+    from torchvision.datasets import ImageFolder
+    try:
+        ds = ImageFolder(root)
+    except (FileNotFoundError, OSError) as e:
+        raise RunError(f"{root} is not a usable ImageFolder split ({e}). It needs one folder per class "
+                       f"with images inside, like ../shared/data/cifar10-jpeg/train/airplane/0001.jpg.")
+    labels = torch.tensor(ds.targets)
+    idx = _subset_or_error(labels, n, seed, root, flag)
+    return Split(_decode_images([ds.samples[i][0] for i in idx.tolist()]), labels[idx], ds.classes)
+
+
+def _subset_or_error(labels, n, seed, where, flag):
+    if n is not None and n > len(labels):
+        raise UsageError(f"{flag} {n} is larger than the {len(labels)} images in {where}; "
+                         f"use at most {len(labels)} (or leave the flag out to use all).")
+    return balanced_subset(labels, n, seed)
+
+
+def load_data(args):
+    """-> (train Split, test Split, dataset name). ImageFolder tree if data_dir has train/ and test/."""
+    root = args.data_dir
+    t0 = time.perf_counter()
+    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
+        train = _imagefolder_split(os.path.join(root, "train"), args.train_samples, args.seed, "--train-samples")
+        test = _imagefolder_split(os.path.join(root, "test"), args.eval_samples, args.seed, "--eval-samples")
+        if train.classes != test.classes:
+            only_train = sorted(set(train.classes) - set(test.classes))
+            only_test = sorted(set(test.classes) - set(train.classes))
+            raise RunError(f"the class folders of {root}/train and {root}/test differ (only in train: "
+                           f"{only_train or '-'}; only in test: {only_test or '-'}). Give both splits the same "
+                           f"class folders.")
+        name = os.path.basename(os.path.normpath(root))
+    else:
+        train, test = (_cifar10_split(root, is_train, n, args.seed)
+                       for is_train, n in ((True, args.train_samples), (False, args.eval_samples)))
+        name = "cifar10"
+    print(f"data: {name} from {root}: {len(train.labels)} train / {len(test.labels)} test images, "
+          f"{len(train.classes)} classes, decoded in {time.perf_counter() - t0:.1f}s")
+    return train, test, name
+
+
+def _cifar10_split(root, is_train, n, seed):
+    from torchvision.datasets import CIFAR10
+    try:
+        ds = CIFAR10(root, train=is_train, download=True)
+    except Exception as e:  # no network, unwritable folder, broken archive: all end the same way
+        raise RunError(f"CIFAR-10 is not in --data-dir {root} and downloading it failed ({type(e).__name__}: {e}). "
+                       f"Connect to the internet once (it is cached there), or pass --data-dir pointing at a "
+                       f"folder that holds cifar-10-batches-py/ or an ImageFolder tree with train/<class>/*.jpg "
+                       f"and test/<class>/*.jpg.")
+    labels = torch.tensor(ds.targets)
+    split = "train" if is_train else "test"
+    idx = _subset_or_error(labels, n, seed, f"the CIFAR-10 {split} split",
+                           "--train-samples" if is_train else "--eval-samples")
+    images = torch.from_numpy(ds.data[idx.numpy()]).permute(0, 3, 1, 2).contiguous()
+    return Split(images, labels[idx], list(ds.classes))
+
+
+def random_crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """CIFAR augmentation on a uint8 batch (B, 3, 32, 32): zero-pad, random 32x32 crop, random h-flip."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=g).tolist()
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=g).tolist()
+    x = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+    flip = torch.rand(b, generator=g) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def to_model_input(x: torch.Tensor, img_size: int, mean, std) -> torch.Tensor:
+    """uint8 (B, 3, 32, 32) -> normalised float32 (B, 3, img_size, img_size)."""
+    x = x.float().div_(255)
+    if x.shape[-1] != img_size:
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    mean = torch.tensor(mean).view(1, 3, 1, 1)
+    std = torch.tensor(std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------- model
+
+def weights_source(args) -> str:
+    if args.no_pretrained:
+        return f"random-init(seed={args.seed})"
+    if args.weights:
+        return "file:" + os.path.abspath(os.path.expanduser(args.weights))
+    return "timm:" + BACKBONE + ".augreg_in21k_ft_in1k"
+
+
+def build_model(args, num_classes: int) -> nn.Module:
+    """timm ViT-Tiny with a new `num_classes` head at args.img_size, every parameter frozen."""
+    import timm
+    kw = dict(num_classes=num_classes, img_size=args.img_size)
+    if args.no_pretrained:
+        print("!" * 78 + "\nWARNING: --no-pretrained: random-init backbone. Accuracy and ECE from this run "
+              "are NOT\nfine-tuning results; the row records weights=random-init.\n" + "!" * 78)
+        model = timm.create_model(BACKBONE, pretrained=False, **kw)
+    elif args.weights:
+        model = _create_from_file(os.path.abspath(os.path.expanduser(args.weights)), kw)
+    else:
+        try:
+            model = timm.create_model(BACKBONE, pretrained=True, **kw)
+        except Exception as e:  # offline, proxy, hub outage: any failure to fetch ends here
+            raise RunError(f"could not download the pretrained {BACKBONE} weights ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}). Run once with internet access (timm "
+                           f"caches them), or pass --weights PATH to a local checkpoint, or --no-pretrained "
+                           f"for a random-init smoke test.")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    print(f"model: {BACKBONE}, {num_classes} classes, {args.img_size}px, weights {weights_source(args)}")
+    return model
+
+
+def _create_from_file(path, kw):
+    """Load a local checkpoint through timm's own pretrained path, so that the 1000-class head is
+    dropped and the position embedding resampled exactly as for a download; then check its keys."""
+    import timm
+    from timm.models import load_state_dict
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    if not os.path.isfile(path):
+        raise RunError(f"--weights {path}: no such file. Give the path of a {BACKBONE} checkpoint "
+                       f"(.safetensors, .pth or .bin), or leave --weights out to download it.")
+    try:
+        state = load_state_dict(path)
+    except Exception as e:
+        raise RunError(f"--weights {path} could not be read as a checkpoint ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}). Re-download or re-export it as "
+                       f".safetensors/.pth/.bin.")
+    plain = timm.create_model(BACKBONE, pretrained=False, **kw)
+    expected = {k for k in plain.state_dict() if not k.startswith("head.")}
+    try:
+        got = set(checkpoint_filter_fn(state, plain))
+    except Exception:
+        got = set(state)
+    got = {k for k in got if not k.startswith("head.")}
+    if expected - got or got - expected:
+        missing, extra = sorted(expected - got), sorted(got - expected)
+        raise RunError(f"--weights {path} does not fit {BACKBONE}: {len(missing)} missing keys "
+                       f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}), {len(extra)} unexpected keys "
+                       f"({', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}). Use a {BACKBONE} checkpoint.")
+    overlay = dict(file=path, custom_load=path.endswith(".npz"))  # .npz = original JAX format
+    try:
+        return timm.create_model(BACKBONE, pretrained=True, pretrained_cfg_overlay=overlay, **kw)
+    except RuntimeError as e:  # e.g. size mismatch: a ViT of another width
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise RunError(f"--weights {path} does not fit {BACKBONE}: {'; '.join(lines[:3]) or e}. "
+                       f"Use a {BACKBONE} checkpoint.")
+
+
+def set_head_trainable(model: nn.Module, on: bool):
+    for p in model.head.parameters():
+        p.requires_grad_(on)
+
+
+def count_parameters(model: nn.Module):
+    """-> (trainable, total), total over every parameter of the adapted model, LoRA factors included."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def param_breakdown(model: nn.Module) -> dict:
+    """Trainable parameters by kind: LoRA factors, LayerNorm, head; plus totals and tuned %."""
+    def trainable(ps):
+        return sum(p.numel() for p in ps if p.requires_grad)
+    norm_params = [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
+    lora_params = [p for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
+    n_trainable, n_total = count_parameters(model)
+    return dict(lora=trainable(lora_params), norm=trainable(norm_params), head=trainable(model.head.parameters()),
+                trainable=n_trainable, total=n_total, pct=100.0 * n_trainable / n_total)
+
+
+def format_breakdown(b: dict) -> str:
+    return (f"params: lora {b['lora']:,} | norm {b['norm']:,} | head {b['head']:,} | "
+            f"trainable {b['trainable']:,} of {b['total']:,} = {b['pct']:.4f} %")
+
+
+# ----------------------------------------------------------------------------- train / evaluate
+
+def make_optimizer(model, args, total_steps):
+    """AdamW over the trainable parameters; decay only matrices (LoRA A/B, head weight), not
+    LayerNorm gains/biases, which decay would pull towards 0. Linear warmup, then cosine to 0."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=args.weight_decay),
+              dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
+    opt = torch.optim.AdamW(groups, lr=args.lr)
+    warmup = max(1, total_steps // 20)  # 5 % of the run
+
+    def lr_factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+
+
+def train_one_epoch(model, opt, sched, data: Split, args, epoch: int, g: torch.Generator, mean, std,
+                    log_every_s: float = 15.0) -> list:
+    """One pass over `data` in shuffled batches; returns the per-step losses."""
+    model.train()
+    n, bs = len(data.labels), args.batch_size
+    steps = math.ceil(n / bs)
+    perm = torch.randperm(n, generator=g)
+    losses, t0 = [], time.perf_counter()
+    last_log = t0
+    for step in range(steps):
+        idx = perm[step * bs:(step + 1) * bs]
+        x = to_model_input(random_crop_flip(data.images[idx], g), args.img_size, mean, std)
+        y = data.labels[idx]
+        with autocast(args.precision):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)  # (B, C) -> scalar, always fp32
+        if not torch.isfinite(loss):
+            raise RunError(f"the loss became {loss.item()} at epoch {epoch}, step {step + 1}/{steps}. "
+                           f"Training diverged: lower the learning rate, e.g. --lr {args.lr / 10:g} "
+                           f"(was {args.lr:g}). No row was written.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        now = time.perf_counter()
+        if now - last_log >= log_every_s or step + 1 == steps:
+            done = min(n, (step + 1) * bs)
+            rate = done / (now - t0)
+            print(f"  epoch {epoch} step {step + 1}/{steps}  loss {loss.item():.4f}  {rate:.1f} img/s  "
+                  f"eta {format_duration((n - done) / rate)}", flush=True)
+            last_log = now
+    return losses
+
+
+@torch.inference_mode()
+def predict(model, data: Split, args, mean, std) -> np.ndarray:
+    """Softmax probabilities (N, C) in fp32, batch by batch; the caller merges LoRA first."""
+    model.eval()
+    out = []
+    for start in range(0, len(data.labels), args.batch_size):
+        x = to_model_input(data.images[start:start + args.batch_size], args.img_size, mean, std)
+        with autocast(args.precision):
+            logits = model(x)
+        out.append(torch.softmax(logits.float(), dim=-1))
+    return torch.cat(out).numpy()
+
+
+def format_duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+# ----------------------------------------------------------------------------- metrics (pure numpy)
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * float(np.mean(np.argmax(probs, axis=1) == np.asarray(labels)))
+
+
+def calibration_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15):
+    """Per-bin (confidence, accuracy, count) over n_bins equal-width bins (lo, hi] of the max
+    softmax probability (Guo et al., 2017); a confidence of exactly 0 goes to the first bin.
+    Empty bins have confidence = accuracy = 0 and count 0."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # searchsorted(side='left') - 1 puts a value equal to an edge e_k into (e_{k-1}, e_k].
+    b = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    count = np.bincount(b, minlength=n_bins)
+    safe = np.maximum(count, 1)
+    return (np.bincount(b, weights=conf, minlength=n_bins) / safe,
+            np.bincount(b, weights=correct, minlength=n_bins) / safe, count)
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """ECE = sum_b |B_b|/N * |acc(B_b) - conf(B_b)|, as a fraction (x100 for percent)."""
+    conf, acc, count = calibration_bins(probs, labels, n_bins)
+    return float(np.sum(count / count.sum() * np.abs(acc - conf)))
+
+
+# ----------------------------------------------------------------------------- results
+
+def _read_header(f) -> list:
+    f.seek(0)
+    first = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+    return next(csv.reader([first]), [])
+
+
+def check_results_file(path):
+    """Fail early, before any training, if the results CSV cannot take our row."""
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise UsageError(f"--results {path}: folder {folder} does not exist; create it or pick another path.")
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"--results {path} is not writable; fix its permissions or pick another file.")
+        with open(path, "rb") as f:
+            if f.read(1):
+                _check_header(_read_header(f), path)
+    elif not os.access(folder, os.W_OK):
+        raise UsageError(f"--results {path}: folder {folder} is not writable; pick another path.")
+
+
+def _check_header(header, path):
+    if header[:len(CSV_COLUMNS)] != CSV_COLUMNS or len(header) != len(CSV_COLUMNS):
+        diff = [f"column {i + 1}: file has {a!r}, expected {b!r}"
+                for i, (a, b) in enumerate(zip(header + [""] * len(CSV_COLUMNS), CSV_COLUMNS + [""] * len(header)))
+                if a != b]
+        raise UsageError(f"--results {path} has a different header than this version writes "
+                         f"({'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}). It was left untouched: "
+                         f"pass --results with a new file name, e.g. --results results_week1_v2.csv.")
+
+
+def append_result(path, row: dict):
+    """Append one row atomically: exclusive lock, header check, one write() call, fsync."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([row[c] for c in CSV_COLUMNS])
+    line = buf.getvalue()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    with os.fdopen(fd, "r+b") as f:
+        if fcntl is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file closes
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            data = ",".join(CSV_COLUMNS) + "\n" + line
+        else:
+            _check_header(_read_header(f), path)
+            f.seek(size - 1)
+            data = ("" if f.read(1) == b"\n" else "\n") + line
+        os.write(f.fileno(), data.encode("utf-8"))  # O_APPEND: lands at the end, in one piece
+        os.fsync(f.fileno())
+
+
+def write_calibration(results_path, ts, method, probs, labels, ece) -> str:
+    """Per-bin reliability numbers as a small JSON beside the CSV; returns its path relative to it."""
+    conf, acc, count = calibration_bins(probs, labels)
+    folder = os.path.splitext(results_path)[0] + "_calibration"
+    os.makedirs(folder, exist_ok=True)
+    stem = f"{ts.replace('-', '').replace(':', '')}_{method}"
+    for k in range(100):  # two runs of one method in the same second get distinct files
+        path = os.path.join(folder, stem + (f"_{k}" if k else "") + ".json")
+        try:
+            with open(path, "x") as f:
+                json.dump(dict(ts=ts, method=method, n_bins=len(count), ece=ece,
+                               bin_edges=np.linspace(0, 1, len(count) + 1).tolist(), confidence=conf.tolist(),
+                               accuracy=acc.tolist(), count=count.tolist()), f, indent=1)
+            return os.path.relpath(path, os.path.dirname(results_path))
+        except FileExistsError:
+            continue
+    raise RunError(f"could not create a calibration file in {folder}")
+
+
+def save_adapter(path, model, args, meta: dict):
+    """Only the trained tensors (LoRA factors, LayerNorms, head) plus what rebuilds the backbone."""
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+    torch.save(dict(state=state, settings=settings, meta=meta), path)
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+def fit_and_report(model, train: Split, test: Split, dataset: str, args):
+    """Train for args.epochs, evaluate with LoRA merged, print metrics, append the results row."""
+    breakdown = param_breakdown(model)
+    print(format_breakdown(breakdown))
+    mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
+    net = torch.compile(model) if args.compile else model
+    steps_per_epoch = math.ceil(len(train.labels) / args.batch_size)
+    opt, sched = make_optimizer(model, args, args.epochs * steps_per_epoch)
+    g = torch.Generator().manual_seed(args.seed)
+    epoch_times = []
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.perf_counter()
+        losses = train_one_epoch(net, opt, sched, train, args, epoch, g, mean, std)
+        epoch_times.append(time.perf_counter() - t0)
+        print(f"epoch {epoch}/{args.epochs}: mean loss {np.mean(losses):.6f}, {epoch_times[-1]:.1f}s "
+              f"({len(train.labels) / epoch_times[-1]:.1f} img/s)", flush=True)
+
+    t0 = time.perf_counter()
+    lora.merge_lora(model)  # one matmul per layer instead of three: evaluation at backbone speed
+    probs = predict(net, test, args, mean, std)
+    lora.unmerge_lora(model)
+    eval_time = time.perf_counter() - t0
+    labels = test.labels.numpy()
+    acc, ece = accuracy(probs, labels), 100.0 * expected_calibration_error(probs, labels)
+    print(f"acc@1 {acc:.2f} %  ece {ece:.2f} %  ({len(labels)} test images, {eval_time:.1f}s)")
+    if not (math.isfinite(acc) and math.isfinite(ece)):
+        raise RunError("the metrics are not finite; no row was written. Try a lower --lr.")
+
+    ts = datetime.datetime.now().isoformat(timespec="seconds")
+    if args.save_adapter:
+        save_adapter(args.save_adapter, model, args, dict(ts=ts, dataset=dataset, classes=train.classes,
+                                                          acc=acc, ece=ece))
+        print(f"adapter: {args.save_adapter} ({os.path.getsize(args.save_adapter) / 1e6:.2f} MB)")
+    row = {
+        "ts": ts, "method": args.method, "dataset": dataset, "backbone": BACKBONE,
+        "tuned_params_%": f"{breakdown['pct']:.4f}", "acc@1": f"{acc:.2f}", "ece": f"{ece:.2f}",
+        "train_time_s": f"{sum(epoch_times):.1f}", "epochs": args.epochs,
+        "time_per_epoch_s": f"{np.mean(epoch_times):.1f}", "eval_time_s": f"{eval_time:.1f}",
+        "img_size": args.img_size, "train_samples": len(train.labels), "eval_samples": len(labels),
+        "batch_size": args.batch_size, "lr": f"{args.lr:g}", "weight_decay": f"{args.weight_decay:g}",
+        "seed": args.seed, "lora_r": args.lora_r or "", "lora_alpha": "" if args.lora_alpha is None else
+        f"{args.lora_alpha:g}", "lora_dropout": "" if args.lora_dropout is None else f"{args.lora_dropout:g}",
+        "lora_targets": ",".join(args.lora_targets), "train_head": int(not args.no_train_head),
+        "precision": args.precision, "threads": args.threads, "weights": weights_source(args),
+        "torch": torch.__version__.split("+")[0],
+        "calibration_file": write_calibration(args.results, ts, args.method, probs, labels, ece),
+    }
+    append_result(args.results, row)
+    print(f"results: appended {args.method} row to {args.results}")
+    return row

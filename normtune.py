@@ -1,0 +1,26 @@
+"""NormTune: train only the LayerNorm gains and biases (and, by default, the classifier head).
+
+In ViT-Tiny that is 25 LayerNorms (norm1/norm2 of 12 blocks + the final norm), 9,600 numbers:
+a per-channel rescale and shift of every residual branch's input, which is often enough to
+re-centre pretrained features on a new dataset.
+"""
+import torch.nn as nn
+
+
+def layernorms(model: nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+
+
+def apply_normtune(model: nn.Module) -> list:
+    """Make every nn.LayerNorm weight and bias trainable; return their module names.
+
+    Freezes nothing itself: call common.freeze_all() first (the scripts do) so that LayerNorms,
+    plus whatever other method is stacked on top (LoRA in Hybrid), are the only trainable parts.
+    """
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.LayerNorm):
+            for p in m.parameters():
+                p.requires_grad_(True)
+            names.append(name)
+    return names

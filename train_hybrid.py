@@ -1,0 +1,25 @@
+"""python train_hybrid.py --epochs 1  ->  fine-tunes ViT-Tiny on CIFAR-10 with LoRA + NormTune, prints
+progress and `acc@1 .. % ece .. %`, and appends one row to results_week1.csv.
+
+Hybrid: the LoRA factors of every qkv/proj/fc1/fc2 layer and the 25 LayerNorms train together, plus
+the new 10-class head (unless --no-train-head). See lora.py and normtune.py.
+"""
+import common
+import lora
+import normtune
+
+
+def main():
+    args = common.parse_args("hybrid", __doc__)
+    common.setup_cpu(args)                      # threads, precision, seed
+    train, test, dataset = common.load_data(args)
+    model = common.build_model(args, num_classes=len(train.classes))  # all parameters frozen
+    lora.apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                    targets=args.lora_targets)  # adds trainable lora_A / lora_B
+    normtune.apply_normtune(model)              # LayerNorm weight + bias trainable
+    common.set_head_trainable(model, not args.no_train_head)
+    common.fit_and_report(model, train, test, dataset, args)
+
+
+if __name__ == "__main__":
+    common.main(main)
