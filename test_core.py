@@ -1,0 +1,533 @@
+"""python -m unittest test_core  ->  the suite's tests: offline, tiny CPU tensors, about two minutes.
+
+End-to-end tests read a few real CIFAR-10 images from ../shared/data/cifar10-jpeg (or the folder in
+$CIFAR10_JPEG_DIR) and are skipped, with that reason printed, when it is missing. No test downloads
+anything: checkpoints are written by the tests themselves.
+"""
+import csv
+import math
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import types
+import unittest
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+
+import common
+import lora
+import normtune
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REAL_DATA = os.environ.get("CIFAR10_JPEG_DIR", os.path.join(HERE, "..", "shared", "data", "cifar10-jpeg"))
+needs_real_data = unittest.skipUnless(os.path.isdir(os.path.join(REAL_DATA, "train")),
+                                      f"real CIFAR-10 JPEG folder not found at {REAL_DATA}")
+SCRIPTS = {"lora": "train_lora.py", "normtune": "train_norm.py", "hybrid": "train_hybrid.py"}
+
+
+def vit(img_size=32, num_classes=10):
+    """Random-init ViT-Tiny, frozen, as common.build_model returns it."""
+    torch.manual_seed(0)
+    model = timm.create_model(common.BACKBONE, pretrained=False, num_classes=num_classes, img_size=img_size)
+    model.requires_grad_(False)
+    return model
+
+
+def apply_method(model, method, train_head=True):
+    if method in ("lora", "hybrid"):
+        lora.apply_lora(model)
+    if method in ("normtune", "hybrid"):
+        normtune.apply_normtune(model)
+    common.set_head_trainable(model, train_head)
+    return model
+
+
+def run_script(script, *flags, timeout=180):
+    """Run a script as a user would; HF_HUB_OFFLINE makes a missing-weights run fail at once."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *flags], cwd=HERE, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_flags(results, *extra):
+    return ["--data-dir", REAL_DATA, "--img-size", "32", "--train-samples", "20", "--eval-samples", "20",
+            "--batch-size", "10", "--results", results, *extra]
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def write_checkpoint(path, arch=common.BACKBONE, seed=123):
+    """A stand-in for the pretrained download: a 1000-class checkpoint at 224 px, as timm ships it."""
+    torch.manual_seed(seed)
+    state = timm.create_model(arch, pretrained=False).state_dict()
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file(state, path)
+    else:
+        torch.save(state, path)
+    return state
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+class TestLoRALinear(unittest.TestCase):
+    def setUp(self):
+        torch.manual_seed(0)
+        self.base = nn.Linear(12, 7)
+        self.layer = lora.LoRALinear(self.base, r=4, alpha=8)
+        self.x = torch.randn(3, 5, 12)
+
+    def test_shapes_init_and_scaling(self):
+        self.assertEqual(tuple(self.layer.lora_A.shape), (4, 12))
+        self.assertEqual(tuple(self.layer.lora_B.shape), (7, 4))
+        self.assertEqual(self.layer.scaling, 2.0)
+        self.assertTrue(torch.all(self.layer.lora_B == 0))
+        # Kaiming-uniform with a=sqrt(5) draws from U(-1/sqrt(in), 1/sqrt(in)).
+        self.assertLessEqual(self.layer.lora_A.abs().max().item(), 1 / math.sqrt(12))
+        self.assertGreater(self.layer.lora_A.std().item(), 0.5 / math.sqrt(12 * 3))
+        self.assertFalse(any(p.requires_grad for p in self.base.parameters()))
+        self.assertTrue(self.layer.lora_A.requires_grad and self.layer.lora_B.requires_grad)
+
+    def test_zero_init_equals_base(self):
+        torch.testing.assert_close(self.layer(self.x), self.base(self.x), rtol=0, atol=0)
+
+    def test_forward_is_the_formula(self):
+        nn.init.normal_(self.layer.lora_B)
+        want = self.base(self.x) + self.x @ self.layer.lora_A.T @ self.layer.lora_B.T * 2.0
+        torch.testing.assert_close(self.layer(self.x), want)
+
+    def test_merge_matches_unmerged_and_unmerge_restores(self):
+        nn.init.normal_(self.layer.lora_B)
+        w0 = self.base.weight.clone()
+        y0 = self.layer(self.x)
+        self.layer.merge()
+        self.assertTrue(self.layer.merged)
+        self.assertFalse(torch.equal(self.base.weight, w0))  # really folded in
+        torch.testing.assert_close(self.layer(self.x), y0, rtol=0, atol=1e-5)
+        self.layer.merge()  # idempotent: a second merge must not add the update twice
+        torch.testing.assert_close(self.layer(self.x), y0, rtol=0, atol=1e-5)
+        self.layer.unmerge()
+        torch.testing.assert_close(self.base.weight, w0, rtol=0, atol=1e-6)
+        torch.testing.assert_close(self.layer(self.x), y0, rtol=0, atol=1e-6)
+
+    def test_eval_and_train_do_not_touch_weights(self):
+        nn.init.normal_(self.layer.lora_B)
+        w0 = self.base.weight.clone()
+        self.layer.eval()
+        self.layer.train()
+        self.layer.eval()
+        self.assertFalse(self.layer.merged)
+        self.assertTrue(torch.equal(self.base.weight, w0))
+
+    def test_dropout_only_on_the_lora_branch(self):
+        layer = lora.LoRALinear(nn.Linear(12, 7), r=4, alpha=8, dropout=0.5).train()
+        torch.testing.assert_close(layer(self.x), layer.base(self.x), rtol=0, atol=0)  # B = 0
+        nn.init.normal_(layer.lora_B)
+        self.assertFalse(torch.equal(layer(self.x), layer(self.x)))  # dropout active in train()
+        layer.eval()
+        torch.testing.assert_close(layer(self.x), layer(self.x))
+
+
+class TestApplyLoRA(unittest.TestCase):
+    def test_replaces_every_block_linear_and_nothing_else(self):
+        model = vit()
+        names = lora.apply_lora(model)
+        self.assertEqual(len(names), 12 * 4)
+        self.assertIn("blocks.0.attn.qkv", names)
+        self.assertIn("blocks.11.mlp.fc2", names)
+        self.assertIsInstance(model.patch_embed.proj, nn.Conv2d)
+        self.assertIs(type(model.head), nn.Linear)
+        self.assertEqual(len(lora.lora_layers(model)), 48)
+
+    def test_targets_subset(self):
+        model = vit()
+        names = lora.apply_lora(model, targets=("qkv",))
+        self.assertEqual(names, [f"blocks.{i}.attn.qkv" for i in range(12)])
+        self.assertIs(type(model.blocks[0].attn.proj), nn.Linear)
+
+    def test_unknown_target_lists_valid_ones(self):
+        with self.assertRaises(ValueError) as cm:
+            lora.apply_lora(vit(), targets=("qkv", "query"))
+        self.assertIn("query", str(cm.exception))
+        self.assertIn("qkv,proj,fc1,fc2", str(cm.exception))
+
+    def test_only_lora_factors_get_gradients(self):
+        model = vit()
+        lora.apply_lora(model, targets=("qkv", "fc2"))
+        for layer in lora.lora_layers(model):
+            nn.init.normal_(layer.lora_B)  # so that lora_A gets a non-zero gradient too
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+        want = {f"blocks.{i}.{m}.lora_{ab}" for i in range(12) for m in ("attn.qkv", "mlp.fc2") for ab in "AB"}
+        self.assertEqual(with_grad, want)
+        self.assertTrue(all(model.get_parameter(n).grad.abs().sum() > 0 for n in want))
+
+    def test_model_merge_unmerge_and_state_dict(self):
+        model = vit().eval()
+        lora.apply_lora(model)
+        for layer in lora.lora_layers(model):
+            nn.init.normal_(layer.lora_B, std=0.02)
+        x = torch.randn(2, 3, 32, 32)
+        y0 = model(x)
+        lora.merge_lora(model)
+        torch.testing.assert_close(model(x), y0, rtol=0, atol=1e-5)
+        lora.unmerge_lora(model)
+        torch.testing.assert_close(model(x), y0, rtol=0, atol=1e-5)
+        sd = lora.lora_state_dict(model)
+        self.assertEqual(len(sd), 96)
+        self.assertTrue(all(k.endswith((".lora_A", ".lora_B")) for k in sd))
+
+
+# ----------------------------------------------------------------------------- NormTune + accounting
+
+class TestNormTune(unittest.TestCase):
+    def test_exactly_the_25_layernorms_train(self):
+        model = vit()
+        names = normtune.apply_normtune(model)
+        want = [f"blocks.{i}.norm{j}" for i in range(12) for j in (1, 2)] + ["norm"]
+        self.assertEqual(sorted(names), sorted(want))
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        self.assertEqual(trainable, {f"{m}.{w}" for m in want for w in ("weight", "bias")})
+
+
+class TestParameterCounts(unittest.TestCase):
+    """The exact numbers of issue 2, for ViT-Tiny at 224 px, a 10-class head and r=8."""
+
+    def counts(self, method, train_head=True):
+        return common.param_breakdown(apply_method(vit(img_size=224), method, train_head))
+
+    def test_backbone(self):
+        self.assertEqual(common.count_parameters(vit(img_size=224)), (0, 5_526_346))
+
+    def test_lora(self):
+        b = self.counts("lora")
+        self.assertEqual((b["lora"], b["norm"], b["head"]), (294_912, 0, 1_930))
+        self.assertEqual((b["trainable"], b["total"]), (296_842, 5_821_258))
+        self.assertEqual(f"{b['pct']:.4f}", "5.0993")
+
+    def test_normtune(self):
+        b = self.counts("normtune")
+        self.assertEqual((b["lora"], b["norm"], b["head"], b["total"]), (0, 9_600, 1_930, 5_526_346))
+        self.assertEqual(f"{b['pct']:.4f}", "0.2086")
+
+    def test_hybrid(self):
+        b = self.counts("hybrid")
+        self.assertEqual((b["lora"], b["norm"], b["head"], b["total"]), (294_912, 9_600, 1_930, 5_821_258))
+        self.assertEqual(f"{b['pct']:.4f}", "5.2642")
+
+    def test_no_train_head(self):
+        b = self.counts("hybrid", train_head=False)
+        self.assertEqual((b["head"], b["trainable"]), (0, 294_912 + 9_600))
+
+    def test_smaller_image_has_fewer_position_embeddings(self):
+        small = common.count_parameters(vit(img_size=32))[1]
+        self.assertEqual(5_526_346 - small, (196 - 4) * 192)  # 14x14 -> 2x2 patches, width 192
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def probs_with_conf(confs, preds, n_classes=10):
+    """Rows whose max is conf at column pred; the rest share 1 - conf evenly."""
+    p = np.zeros((len(confs), n_classes))
+    for i, (c, k) in enumerate(zip(confs, preds)):
+        p[i] = (1 - c) / (n_classes - 1)
+        p[i, k] = c
+    return p
+
+
+class TestECE(unittest.TestCase):
+    edges = np.linspace(0, 1, 16)
+
+    def test_perfectly_confident_and_right_is_zero(self):
+        p = probs_with_conf([1.0, 1.0], [3, 4])
+        self.assertEqual(common.expected_calibration_error(p, [3, 4]), 0.0)
+
+    def test_confidence_one_goes_to_the_last_bin(self):
+        p = probs_with_conf([1.0, 1.0], [3, 4])  # one right, one wrong: acc 0.5, conf 1.0
+        self.assertAlmostEqual(common.expected_calibration_error(p, [3, 0]), 0.5)
+        _, _, count = common.calibration_bins(p, [3, 0])
+        self.assertEqual(count[-1], 2)
+
+    def test_confidence_on_an_edge_goes_to_the_lower_bin(self):
+        # conf exactly 0.6 = edge 9 belongs to (0.5333, 0.6], alone; 0.61 to (0.6, 0.6667], alone.
+        p = probs_with_conf([self.edges[9], 0.61], [1, 2])
+        ece = common.expected_calibration_error(p, [1, 0])  # first right, second wrong
+        self.assertAlmostEqual(ece, 0.5 * abs(1 - 0.6) + 0.5 * abs(0 - 0.61))  # 0.505, not 0.105
+        _, _, count = common.calibration_bins(p, [1, 0])
+        self.assertEqual((count[8], count[9]), (1, 1))
+
+    def test_confidence_zero_goes_to_the_first_bin(self):
+        p = np.zeros((1, 10))  # degenerate row: max prob 0, argmax 0
+        conf, acc, count = common.calibration_bins(p, [0])
+        self.assertEqual(count[0], 1)
+        self.assertAlmostEqual(common.expected_calibration_error(p, [0]), 1.0)
+
+    def test_weighted_by_bin_size_and_empty_bins_add_nothing(self):
+        # two in (0.8667, 0.9333]: conf 0.9, 0.9, one right -> gap 0.4; one in (0.2667, 0.3333]: right, gap 0.7
+        p = probs_with_conf([0.9, 0.9, 0.3], [0, 0, 1])
+        ece = common.expected_calibration_error(p, [0, 5, 1])
+        self.assertAlmostEqual(ece, 2 / 3 * 0.4 + 1 / 3 * 0.7)
+
+    def test_matches_a_direct_loop(self):
+        rng = np.random.default_rng(0)
+        logits = rng.normal(size=(500, 10)) * 3
+        p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        y = rng.integers(0, 10, 500)
+        conf, pred = p.max(1), p.argmax(1)
+        want = 0.0
+        for lo, hi in zip(self.edges[:-1], self.edges[1:]):
+            m = (conf > lo) & (conf <= hi)
+            if m.any():
+                want += m.mean() * abs((pred[m] == y[m]).mean() - conf[m].mean())
+        self.assertAlmostEqual(common.expected_calibration_error(p, y), want)
+
+    def test_accuracy_in_percent(self):
+        p = probs_with_conf([0.9, 0.8, 0.7, 0.6], [0, 1, 2, 3])
+        self.assertEqual(common.accuracy(p, [0, 1, 2, 0]), 75.0)
+
+
+# ----------------------------------------------------------------------------- data
+
+class TestBalancedSubset(unittest.TestCase):
+    labels = torch.arange(10).repeat_interleave(30)  # 10 classes x 30
+
+    def test_balanced_and_seeded(self):
+        idx = common.balanced_subset(self.labels, 25, seed=0)
+        self.assertEqual(len(idx), 25)
+        self.assertEqual(len(set(idx.tolist())), 25)
+        self.assertEqual(sorted(torch.bincount(self.labels[idx], minlength=10).tolist()), [2] * 5 + [3] * 5)
+        self.assertTrue(torch.equal(idx, common.balanced_subset(self.labels, 25, seed=0)))
+        self.assertFalse(torch.equal(idx, common.balanced_subset(self.labels, 25, seed=1)))
+
+    def test_none_means_all(self):
+        self.assertTrue(torch.equal(common.balanced_subset(self.labels, None, 0), torch.arange(300)))
+
+    def test_augmentation_keeps_shape_and_pixels(self):
+        x = torch.randint(1, 256, (8, 3, 32, 32), dtype=torch.uint8)
+        g = torch.Generator().manual_seed(0)
+        y = common.random_crop_flip(x, g)
+        self.assertEqual((y.shape, y.dtype), (x.shape, torch.uint8))
+        self.assertFalse(torch.equal(x, y))
+        z = common.to_model_input(y, 64, (0.5,) * 3, (0.5,) * 3)
+        self.assertEqual(tuple(z.shape), (8, 3, 64, 64))
+        self.assertLessEqual(z.abs().max().item(), 1.0 + 1e-6)  # (x/255 - 0.5) / 0.5 in [-1, 1]
+
+
+# ----------------------------------------------------------------------------- results CSV
+
+def fake_row(i=0):
+    return {c: f"{c}-{i}" for c in common.CSV_COLUMNS}
+
+
+def _append_many(path, worker, n):
+    for i in range(n):
+        common.append_result(path, fake_row(worker * 1000 + i))
+
+
+class TestResultsCSV(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.path = os.path.join(self.tmp.name, "r.csv")
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def test_first_nine_columns_in_order(self):
+        self.assertEqual(common.CSV_COLUMNS[:9], ["ts", "method", "dataset", "backbone", "tuned_params_%",
+                                                  "acc@1", "ece", "train_time_s", "epochs"])
+        with open(os.path.join(HERE, "results_week1.csv")) as f:
+            self.assertEqual(f.read().strip().split(","), common.CSV_COLUMNS)
+
+    def test_header_written_once(self):
+        for i in range(3):
+            common.append_result(self.path, fake_row(i))
+        rows = read_rows(self.path)
+        self.assertEqual(rows[0], common.CSV_COLUMNS)
+        self.assertEqual([r[0] for r in rows[1:]], ["ts-0", "ts-1", "ts-2"])
+
+    def test_empty_file_gets_the_header(self):
+        open(self.path, "w").close()
+        common.append_result(self.path, fake_row())
+        self.assertEqual(read_rows(self.path)[0], common.CSV_COLUMNS)
+
+    def test_missing_trailing_newline_is_handled(self):
+        common.append_result(self.path, fake_row(0))
+        with open(self.path, "rb+") as f:
+            f.truncate(os.path.getsize(self.path) - 1)  # drop the final "\n", as an editor might
+        common.append_result(self.path, fake_row(1))
+        rows = read_rows(self.path)
+        self.assertEqual(len(rows), 3)
+        self.assertEqual(rows[2], list(fake_row(1).values()))
+
+    def test_other_header_is_left_untouched(self):
+        with open(self.path, "w") as f:
+            f.write("ts,method,acc\n1,lora,90\n")
+        before = read_bytes(self.path)
+        with self.assertRaises(common.UsageError) as cm:
+            common.append_result(self.path, fake_row())
+        self.assertIn("dataset", str(cm.exception))  # names a differing column
+        self.assertIn("--results", str(cm.exception))
+        with self.assertRaises(common.UsageError):
+            common.check_results_file(self.path)
+        self.assertEqual(read_bytes(self.path), before)
+
+    def test_values_with_commas_stay_one_field(self):
+        row = fake_row()
+        row["lora_targets"] = "qkv,proj"
+        common.append_result(self.path, row)
+        self.assertEqual(read_rows(self.path)[1][common.CSV_COLUMNS.index("lora_targets")], "qkv,proj")
+
+    def test_concurrent_appends_are_whole(self):
+        workers, n = 4, 40
+        ctx = multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=_append_many, args=(self.path, w, n)) for w in range(workers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+            self.assertEqual(p.exitcode, 0)
+        rows = read_rows(self.path)
+        self.assertEqual(rows[0], common.CSV_COLUMNS)
+        self.assertEqual(sum(r == common.CSV_COLUMNS for r in rows), 1)
+        body = rows[1:]
+        self.assertEqual(len(body), workers * n)
+        for r in body:
+            i = r[0].split("-")[1]
+            self.assertEqual(r, [f"{c}-{i}" for c in common.CSV_COLUMNS])
+        self.assertEqual(len({r[0] for r in body}), workers * n)
+
+
+# ----------------------------------------------------------------------------- weights
+
+def model_args(**kw):
+    base = dict(no_pretrained=False, weights=None, img_size=224, seed=0)
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+class TestLocalWeights(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.st = os.path.join(cls.tmp.name, "vit.safetensors")
+        cls.pth = os.path.join(cls.tmp.name, "vit.pth")
+        cls.state = write_checkpoint(cls.st)
+        write_checkpoint(cls.pth)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def test_same_backbone_weights_at_224(self):
+        for path in (self.st, self.pth):
+            model = common.build_model(model_args(weights=path), num_classes=10)
+            got = model.state_dict()
+            for k, v in self.state.items():
+                if not k.startswith("head."):
+                    self.assertTrue(torch.equal(got[k], v), f"{k} differs after loading {path}")
+            self.assertEqual(tuple(got["head.weight"].shape), (10, 192))  # 1000-class head dropped
+            self.assertFalse(any(p.requires_grad for p in model.parameters()))
+
+    def test_position_embedding_resampled_by_timm_at_64(self):
+        from timm.layers import resample_abs_pos_embed
+        model = common.build_model(model_args(weights=self.st, img_size=64), num_classes=10)
+        want = resample_abs_pos_embed(self.state["pos_embed"], new_size=(4, 4), num_prefix_tokens=1)
+        torch.testing.assert_close(model.pos_embed.data, want)
+        self.assertTrue(torch.equal(model.blocks[3].mlp.fc1.weight, self.state["blocks.3.mlp.fc1.weight"]))
+
+    def test_missing_file(self):
+        with self.assertRaises(common.RunError) as cm:
+            common.build_model(model_args(weights=os.path.join(self.tmp.name, "nope.pth")), 10)
+        self.assertIn("no such file", str(cm.exception))
+
+    def test_corrupt_file(self):
+        bad = os.path.join(self.tmp.name, "bad.safetensors")
+        with open(bad, "wb") as f:
+            f.write(b"this is not a checkpoint")
+        with self.assertRaises(common.RunError) as cm:
+            common.build_model(model_args(weights=bad), 10)
+        self.assertIn("could not be read", str(cm.exception))
+
+    def test_other_architecture_names_the_keys(self):
+        other = os.path.join(self.tmp.name, "resnet.pth")
+        torch.save(timm.create_model("resnet10t", pretrained=False).state_dict(), other)
+        with self.assertRaises(common.RunError) as cm:
+            common.build_model(model_args(weights=other), 10)
+        self.assertIn("does not fit", str(cm.exception))
+        self.assertIn("blocks.0.attn.qkv.weight", str(cm.exception))  # a missing ViT key is named
+        self.assertIn("bn1.weight", str(cm.exception))  # and a key that does not belong
+
+    def test_wider_vit_names_the_mismatch(self):
+        other = os.path.join(self.tmp.name, "small.pth")
+        torch.save(timm.create_model("vit_small_patch16_224", pretrained=False).state_dict(), other)
+        with self.assertRaises(common.RunError) as cm:
+            common.build_model(model_args(weights=other), 10)
+        self.assertIn("size mismatch", str(cm.exception))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@needs_real_data
+class TestEndToEnd(unittest.TestCase):
+    """Each script on 20 real CIFAR-10 images at 32 px, with a checkpoint written here."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.ckpt = os.path.join(cls.tmp.name, "vit.safetensors")
+        write_checkpoint(cls.ckpt)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def check_run(self, method):
+        results = os.path.join(self.tmp.name, f"{method}.csv")
+        out = run_script(SCRIPTS[method], *tiny_flags(results, "--weights", self.ckpt, "--epochs", "2"))
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("acc@1", out.stdout)
+        self.assertIn("params: lora", out.stdout)
+        rows = read_rows(results)
+        self.assertEqual(rows[0], common.CSV_COLUMNS)
+        self.assertEqual(len(rows), 2)
+        row = dict(zip(rows[0], rows[1]))
+        self.assertEqual(len(rows[1]), len(common.CSV_COLUMNS))
+        self.assertEqual((row["method"], row["dataset"], row["backbone"]),
+                         (method, "cifar10-jpeg", "vit_tiny_patch16_224"))
+        self.assertEqual((row["epochs"], row["img_size"], row["train_samples"], row["eval_samples"]),
+                         ("2", "32", "20", "20"))
+        self.assertEqual(row["weights"], "file:" + self.ckpt)
+        want_pct = common.param_breakdown(apply_method(vit(img_size=32), method))["pct"]
+        self.assertAlmostEqual(float(row["tuned_params_%"]), want_pct, places=4)
+        acc, ece = float(row["acc@1"]), float(row["ece"])
+        self.assertTrue(0 <= acc <= 100 and 0 <= ece <= 100)
+        self.assertEqual(acc % 5, 0)  # 20 test images: multiples of 5 %
+        self.assertIn(f"acc@1 {acc:.2f} %  ece {ece:.2f} %", out.stdout)
+        self.assertGreater(float(row["train_time_s"]), 0)
+        self.assertAlmostEqual(float(row["time_per_epoch_s"]), float(row["train_time_s"]) / 2, delta=0.1)
+        self.assertIn(row["precision"], ("fp32", "bf16"))
+        self.assertTrue(os.path.isfile(os.path.join(self.tmp.name, row["calibration_file"])))
+
+    def test_lora(self):
+        self.check_run("lora")
+
+    def test_normtune(self):
+        self.check_run("normtune")
+
+    def test_hybrid(self):
+        self.check_run("hybrid")
