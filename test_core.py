@@ -531,3 +531,233 @@ class TestEndToEnd(unittest.TestCase):
 
     def test_hybrid(self):
         self.check_run("hybrid")
+
+
+# ----------------------------------------------------------------------------- bad input (issue 4)
+
+def offline_env():
+    """No network for the child: hub lookups fail at once, and so does torchvision's download."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", http_proxy="http://127.0.0.1:9",
+                https_proxy="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+
+
+def make_imagefolder(root, train_classes=("cat", "dog"), test_classes=("cat", "dog"), n=3, gray=False):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", train_classes), ("test", test_classes)):
+        for c in classes:
+            os.makedirs(os.path.join(root, split, c))
+            for i in range(n):
+                shape, mode = ((32, 32), "L") if gray else ((32, 32, 3), "RGB")
+                Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(
+                    os.path.join(root, split, c, f"{i:04d}.png"))
+    return root
+
+
+class TestBadFlags(unittest.TestCase):
+    """Every bad flag value: exit code 2 and a message naming the flag, before any work is done."""
+
+    def parse_error(self, method, *argv):
+        import contextlib
+        import io
+        err = io.StringIO()
+        with self.assertRaises(SystemExit) as cm, contextlib.redirect_stderr(err):
+            common.parse_args(method, "", list(argv))
+        self.assertEqual(cm.exception.code, 2, err.getvalue())
+        return err.getvalue()
+
+    def test_each_bad_value(self):
+        cases = [("--epochs", "0"), ("--epochs", "-2"), ("--batch-size", "0"), ("--lora-r", "0"),
+                 ("--lora-alpha", "-1"), ("--lora-dropout", "1"), ("--lora-dropout", "-0.1"), ("--lr", "0"),
+                 ("--lr", "-1e-3"), ("--lr", "nan"), ("--lr", "inf"), ("--lr", "fast"), ("--img-size", "30"),
+                 ("--img-size", "0"), ("--img-size", "-16"), ("--train-samples", "0"), ("--eval-samples", "-5"),
+                 ("--lora-targets", "qkv,query"), ("--threads", "0"), ("--weight-decay", "-1")]
+        for flag, value in cases:
+            with self.subTest(flag=flag, value=value):
+                msg = self.parse_error("hybrid", flag, value)
+                self.assertIn(flag, msg)
+
+    def test_messages_say_the_fix(self):
+        self.assertIn("multiple of the patch size 16", self.parse_error("lora", "--img-size", "100"))
+        self.assertIn("qkv,proj,fc1,fc2", self.parse_error("lora", "--lora-targets", "attn"))
+        self.assertIn("[0, 1)", self.parse_error("lora", "--lora-dropout", "1.5"))
+
+    def test_normtune_has_no_lora_flags(self):
+        self.assertIn("--lora-r", self.parse_error("normtune", "--lora-r", "8"))
+
+    def test_weights_and_no_pretrained_exclude_each_other(self):
+        self.assertIn("not allowed with", self.parse_error("lora", "--weights", "x.pth", "--no-pretrained"))
+
+    def test_results_folder_must_exist(self):
+        msg = self.parse_error("lora", "--results", os.path.join(HERE, "no_such_folder", "r.csv"))
+        self.assertIn("does not exist", msg)
+        with tempfile.NamedTemporaryFile() as f:  # a file where the folder should be
+            self.assertIn("does not exist", self.parse_error("lora", "--results", os.path.join(f.name, "r.csv")))
+
+    def test_good_flags_parse(self):
+        args = common.parse_args("hybrid", "", ["--lora-targets", "qkv,fc2", "--lr", "3e-4", "--img-size", "112"])
+        self.assertEqual((args.lora_targets, args.lr, args.img_size, args.epochs), (("qkv", "fc2"), 3e-4, 112, 1))
+
+
+class TestFailedRuns(unittest.TestCase):
+    """Real processes: the right exit code, one clear message, no traceback, the CSV byte-for-byte intact."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.results = os.path.join(self.tmp.name, "r.csv")
+        common.append_result(self.results, fake_row())
+        self.before = read_bytes(self.results)
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def run_bad(self, code, *flags, script="train_hybrid.py"):
+        out = subprocess.run([sys.executable, os.path.join(HERE, script), *flags, "--results", self.results],
+                             cwd=HERE, env=offline_env(), capture_output=True, text=True, timeout=120)
+        self.assertEqual(out.returncode, code, out.stdout + out.stderr)
+        self.assertNotIn("Traceback", out.stderr)
+        self.assertIn("error:", out.stderr)
+        self.assertEqual(read_bytes(self.results), self.before)
+        return out.stderr
+
+    def test_bad_flag_in_a_real_process(self):
+        self.run_bad(2, "--lr", "nan")
+
+    def test_data_dir_without_data_and_no_network(self):
+        empty = os.path.join(self.tmp.name, "empty")
+        os.makedirs(empty)
+        err = self.run_bad(1, "--data-dir", empty, "--no-pretrained")
+        self.assertIn("--data-dir", err)
+
+    def test_class_lists_differ(self):
+        root = make_imagefolder(os.path.join(self.tmp.name, "d"), test_classes=("cat", "cow"))
+        err = self.run_bad(1, "--data-dir", root, "--no-pretrained", "--img-size", "32")
+        self.assertIn("only in train: ['dog']", err)
+        self.assertIn("only in test: ['cow']", err)
+
+    def test_corrupt_image_is_named(self):
+        root = make_imagefolder(os.path.join(self.tmp.name, "d"))
+        bad = os.path.join(root, "train", "dog", "0001.png")
+        with open(bad, "wb") as f:
+            f.write(b"\x89PNG broken")
+        self.assertIn(bad, self.run_bad(1, "--data-dir", root, "--no-pretrained", "--img-size", "32"))
+
+    def test_more_samples_than_the_split(self):
+        root = make_imagefolder(os.path.join(self.tmp.name, "d"))
+        err = self.run_bad(2, "--data-dir", root, "--no-pretrained", "--train-samples", "7")
+        self.assertIn("--train-samples 7 is larger than the 6 images", err)
+
+    def test_missing_weights_file(self):
+        root = make_imagefolder(os.path.join(self.tmp.name, "d"))
+        err = self.run_bad(1, "--data-dir", root, "--weights", os.path.join(self.tmp.name, "none.safetensors"))
+        self.assertIn("no such file", err)
+
+    def test_offline_without_weights_names_the_flags(self):
+        root = make_imagefolder(os.path.join(self.tmp.name, "d"))
+        err = self.run_bad(1, "--data-dir", root, "--img-size", "32", script="train_norm.py")
+        self.assertIn("--weights", err)
+        self.assertIn("--no-pretrained", err)
+
+    def test_results_with_another_header(self):
+        with open(self.results, "w") as f:
+            f.write("ts,method,accuracy\n")
+        self.before = read_bytes(self.results)
+        self.assertIn("results_week1_v2.csv", self.run_bad(2, "--no-pretrained"))
+
+    def test_grayscale_imagefolder_works(self):
+        root = make_imagefolder(os.path.join(self.tmp.name, "d"), gray=True)
+        out = subprocess.run([sys.executable, os.path.join(HERE, "train_norm.py"), "--data-dir", root,
+                              "--no-pretrained", "--img-size", "32", "--results", self.results],
+                             cwd=HERE, env=offline_env(), capture_output=True, text=True, timeout=120)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        rows = read_rows(self.results)
+        self.assertEqual(len(rows), 3)
+        self.assertEqual(rows[2][common.CSV_COLUMNS.index("dataset")], "d")
+
+
+class TestDivergence(unittest.TestCase):
+    def test_nan_loss_stops_with_epoch_and_step(self):
+        model = apply_method(vit(), "normtune")
+        with torch.no_grad():
+            model.head.bias[0] = float("nan")
+        data = common.Split(torch.zeros(8, 3, 32, 32, dtype=torch.uint8), torch.zeros(8, dtype=torch.long), ["a"])
+        args = types.SimpleNamespace(batch_size=4, img_size=32, precision="fp32", lr=1e-3, weight_decay=0.0)
+        opt, sched = common.make_optimizer(model, args, 2)
+        with self.assertRaises(common.RunError) as cm:
+            common.train_one_epoch(model, opt, sched, data, args, 3, torch.Generator(), (0.5,) * 3, (0.5,) * 3)
+        self.assertIn("epoch 3, step 1/2", str(cm.exception))
+        self.assertIn("--lr 0.0001", str(cm.exception))
+
+    @needs_real_data
+    def test_huge_lr_exits_1_without_a_row(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            results = os.path.join(tmp, "r.csv")
+            out = run_script("train_lora.py", *tiny_flags(results, "--no-pretrained", "--lr", "1e30"))
+            self.assertEqual(out.returncode, 1, out.stderr)
+            self.assertIn("the loss became", out.stderr)
+            self.assertNotIn("Traceback", out.stderr)
+            self.assertFalse(os.path.exists(results))
+
+
+@needs_real_data
+class TestInterrupt(unittest.TestCase):
+    def test_ctrl_c_during_training(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            results = os.path.join(tmp, "r.csv")
+            flags = tiny_flags(results, "--no-pretrained", "--epochs", "50")
+            flags[flags.index("--train-samples") + 1] = "500"
+            proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train_hybrid.py"), *flags], cwd=HERE,
+                                    env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for line in proc.stdout:  # wait until training has started
+                if line.startswith("params:"):
+                    break
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+            self.assertEqual(proc.returncode, 130, err)
+            self.assertIn("interrupted", err)
+            self.assertNotIn("Traceback", err)
+            self.assertEqual(len(err.strip().splitlines()), 1)
+            self.assertNotIn("acc@1", out)  # it stopped during training, before evaluation
+            self.assertFalse(os.path.exists(results))
+
+
+class TestDeterminism(unittest.TestCase):
+    def losses(self, seed):
+        torch.manual_seed(seed)
+        model = timm.create_model(common.BACKBONE, pretrained=False, num_classes=10, img_size=32)
+        model.requires_grad_(False)
+        lora.apply_lora(model, dropout=0.1)
+        normtune.apply_normtune(model)
+        common.set_head_trainable(model, True)
+        gen = torch.Generator().manual_seed(seed)
+        data = common.Split(torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=gen),
+                            torch.arange(24) % 10, list("abcdefghij"))
+        args = types.SimpleNamespace(batch_size=8, img_size=32, precision="fp32", lr=1e-3, weight_decay=0.01)
+        opt, sched = common.make_optimizer(model, args, 6)
+        g = torch.Generator().manual_seed(seed)
+        return [common.train_one_epoch(model, opt, sched, data, args, e, g, (0.5,) * 3, (0.5,) * 3)
+                for e in (1, 2)]
+
+    def test_same_seed_same_loss_curve(self):
+        a, b = self.losses(0), self.losses(0)
+        self.assertEqual(a, b)
+        self.assertEqual(len(a[0]), 3)
+        self.assertNotEqual(a, self.losses(1))
+
+    @needs_real_data
+    def test_same_flags_same_row(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            results = os.path.join(tmp, "r.csv")
+            outs = [run_script("train_hybrid.py", *tiny_flags(results, "--no-pretrained", "--epochs", "2",
+                                                              "--lora-dropout", "0.1", "--seed", s))
+                    for s in ("7", "7", "8")]
+            for o in outs:
+                self.assertEqual(o.returncode, 0, o.stderr)
+            rows = [dict(zip(common.CSV_COLUMNS, r)) for r in read_rows(results)[1:]]
+            loss_lines = [[ln.split(",")[0] for ln in o.stdout.splitlines() if "mean loss" in ln] for o in outs]
+            self.assertEqual(loss_lines[0], loss_lines[1])
+            self.assertEqual(len(loss_lines[0]), 2)
+            self.assertNotEqual(loss_lines[0], loss_lines[2])
+            for k in ("acc@1", "ece", "tuned_params_%"):
+                self.assertEqual(rows[0][k], rows[1][k])
