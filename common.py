@@ -127,9 +127,18 @@ def _lora_targets(text):
         raise argparse.ArgumentTypeError(str(e))
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the docstring's layout; shows '(default: ...)' only where there is a default to show."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(method: str, doc: str) -> argparse.ArgumentParser:
     uses_lora = method in ("lora", "hybrid")
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training set")
     g.add_argument("--batch-size", type=_positive_int, default=32, help="images per step")
@@ -162,7 +171,7 @@ def build_parser(method: str, doc: str) -> argparse.ArgumentParser:
         g.add_argument("--lora-r", type=_positive_int, default=8, help="rank r of B·A")
         g.add_argument("--lora-alpha", type=_positive_float, default=16.0, help="scaling = alpha / r")
         g.add_argument("--lora-dropout", type=_dropout, default=0.0, help="dropout on the LoRA input, in [0, 1)")
-        g.add_argument("--lora-targets", type=_lora_targets, default=lora.VALID_TARGETS,
+        g.add_argument("--lora-targets", type=_lora_targets, default=",".join(lora.VALID_TARGETS),
                        help="comma-separated nn.Linear names in each block: " + ",".join(lora.VALID_TARGETS))
     g = p.add_argument_group("output")
     g.add_argument("--results", default=DEFAULT_RESULTS, help="results CSV to append one row to")
