@@ -72,52 +72,25 @@ def main(run):
 
 # ----------------------------------------------------------------------------- flags
 
-def _positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
+def _checked(convert, ok, requirement):
+    """An argparse type: convert the text, then insist on ok(value); the message says what is expected."""
+    def parse(text):
+        try:
+            v = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {'whole ' if convert is int else ''}number, got {text!r}")
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return v
+    return parse
 
 
-def _positive_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return v
-
-
-def _nonnegative_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return v
-
-
-def _dropout(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return v
-
-
-def _img_size(text):
-    v = _positive_int(text)
-    if v % PATCH:
-        raise argparse.ArgumentTypeError(
-            f"must be a multiple of the patch size {PATCH} (e.g. 32, 64, 112, 224), got {v}")
-    return v
+_positive_int = _checked(int, lambda v: v >= 1, "at least 1")
+_positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+_nonnegative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+_dropout = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+_img_size = _checked(int, lambda v: v >= 1 and v % PATCH == 0,
+                     f"a positive multiple of the patch size {PATCH} (e.g. 32, 64, 112, 224)")
 
 
 def _lora_targets(text):
