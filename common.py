@@ -684,6 +684,10 @@ def fit_and_report(model, train: Split, test: Split, dataset: str, args):
         "torch": torch.__version__.split("+")[0],
         "calibration_file": write_calibration(args.results, ts, args.method, probs, labels, ece),
     }
-    append_result(args.results, row)
+    try:
+        append_result(args.results, row)
+    except (UsageError, OSError) as e:  # e.g. the file was replaced during the run: keep the numbers
+        raise RunError(f"{e}\nThe finished run's row, for pasting by hand:\n{','.join(CSV_COLUMNS)}\n"
+                       + ",".join(str(row[c]) for c in CSV_COLUMNS))
     print(f"results: appended {args.method} row to {args.results}")
     return row
