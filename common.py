@@ -589,18 +589,23 @@ def _check_header(header, path):
                          f"pass --results with a new file name, e.g. --results results_week1_v2.csv.")
 
 
+def csv_line(values) -> str:
+    """One CSV line with its newline; fields holding commas or quotes are quoted."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(list(values))
+    return buf.getvalue()
+
+
 def append_result(path, row: dict):
     """Append one row atomically: exclusive lock, header check, one write() call, fsync."""
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow([row[c] for c in CSV_COLUMNS])
-    line = buf.getvalue()
+    line = csv_line(row[c] for c in CSV_COLUMNS)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     with os.fdopen(fd, "r+b") as f:
         if fcntl is not None:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file closes
         size = f.seek(0, os.SEEK_END)
         if size == 0:
-            data = ",".join(CSV_COLUMNS) + "\n" + line
+            data = csv_line(CSV_COLUMNS) + line
         else:
             _check_header(_read_header(f), path)
             f.seek(size - 1)
@@ -687,7 +692,7 @@ def fit_and_report(model, train: Split, test: Split, dataset: str, args):
     try:
         append_result(args.results, row)
     except (UsageError, OSError) as e:  # e.g. the file was replaced during the run: keep the numbers
-        raise RunError(f"{e}\nThe finished run's row, for pasting by hand:\n{','.join(CSV_COLUMNS)}\n"
-                       + ",".join(str(row[c]) for c in CSV_COLUMNS))
+        raise RunError(f"{e}\nThe finished run's row, for pasting by hand:\n"
+                       + csv_line(CSV_COLUMNS) + csv_line(row[c] for c in CSV_COLUMNS))
     print(f"results: appended {args.method} row to {args.results}")
     return row
