@@ -634,10 +634,31 @@ def write_calibration(results_path, ts, method, probs, labels, ece) -> str:
 
 
 def save_adapter(path, model, args, meta: dict):
-    """Only the trained tensors (LoRA factors, LayerNorms, head) plus what rebuilds the backbone."""
-    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Only the trained tensors (LoRA factors, LayerNorms, head) plus what rebuilds the backbone.
+
+    The new head is stored even with --no-train-head (1,930 numbers): it is not part of the
+    backbone, so evaluate.py need not re-draw its random init. settings records how the backbone
+    was made: no_pretrained + seed (random init, re-created by seeding), or weights (a file, whose
+    sha256 goes into meta so evaluate.py can tell if the file changed), or neither (timm download).
+    """
+    state = {n: p.detach().clone() for n, p in model.named_parameters()
+             if p.requires_grad or n.startswith("head.")}
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+    settings["data_dir"] = os.path.abspath(args.data_dir)  # evaluate.py may run from another folder
+    if args.weights:
+        settings["weights"] = os.path.abspath(os.path.expanduser(args.weights))
+    meta = dict(meta, format=1, weights_source=weights_source(args),
+                weights_sha256=file_sha256(settings["weights"]) if args.weights else None)
     torch.save(dict(state=state, settings=settings, meta=meta), path)
+
+
+def file_sha256(path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- the whole run
