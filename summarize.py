@@ -166,8 +166,8 @@ def markdown_table(groups) -> str:
         lines.append(f"| {label} | {settings} | {g['runs']} | {g['tuned_pct']:.4f} | {fmt_mean_std(g['acc'])} | "
                      f"{fmt_mean_std(g['ece'])} | {fmt_duration(g['epoch_s'])} |")
     lines.append("")
-    lines.append("std: sample std over seeds (ddof=1); – = a single run. time/epoch: mean over runs (training "
-                 "only, see the threads column of the CSV for the CPU used).")
+    lines.append("std: sample std over seeds (ddof=1); – = a single run. time/epoch: mean over runs, training "
+                 "only, in s or m:ss (the CSV's threads column says how many CPU threads).")
     if any(g["random_init"] for g in groups):
         lines.append("WARNING: rows marked (random-init) come from --no-pretrained smoke tests: their accuracy "
                      "and ECE are NOT fine-tuning results.")
