@@ -682,7 +682,7 @@ def fit_and_report(model, train: Split, test: Split, dataset: str, args):
 
     t0 = time.perf_counter()
     lora.merge_lora(model)  # one matmul per layer instead of three: evaluation at backbone speed
-    probs = predict(net, test, args, mean, std)
+    probs = predict(model, test, args, mean, std)  # eager: merged weights would make --compile recompile
     lora.unmerge_lora(model)
     eval_time = time.perf_counter() - t0
     labels = test.labels.numpy()
