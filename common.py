@@ -354,9 +354,8 @@ def to_model_input(x: torch.Tensor, img_size: int, mean, std) -> torch.Tensor:
     x = x.float().div_(255)
     if x.shape[-1] != img_size:
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
-    mean = torch.tensor(mean).view(1, 3, 1, 1)
-    std = torch.tensor(std).view(1, 3, 1, 1)
-    return (x - mean) / std
+    # in place: x is our own float copy, and two fewer full-size tensors per batch at 224 px
+    return x.sub_(torch.tensor(mean).view(1, 3, 1, 1)).div_(torch.tensor(std).view(1, 3, 1, 1))
 
 
 # ----------------------------------------------------------------------------- model
