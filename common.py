@@ -227,13 +227,38 @@ def autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=(precision == "bf16"))
 
 
+def set_kernels(model: nn.Module, precision: str, training: bool):
+    """For bf16 training, switch to the faster of two ways of computing the same function; fp32, and
+    all evaluation, keep timm's and lora.py's defaults, so fp32 computes exactly what it always did.
+
+    Measured with bench.py on a 2-core AVX512-BF16 CPU (Hybrid, 224 px, batch 32), these two switches
+    take bf16 training from about 1.5x to about 2.4x the fp32 speed:
+    - attention: the fused F.scaled_dot_product_attention has a slow bf16 backward on CPUs, so training
+      uses timm's explicit softmax(q @ k.T * scale) @ v; evaluation keeps the fused kernel, the faster
+      forward;
+    - LoRA: one full-size GEMM with W + B·A·scaling instead of three thin rank-r ones
+      (LoRALinear.merge_in_forward).
+    """
+    from timm.layers import use_fused_attn
+    bf16_training = training and precision == "bf16"
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):  # timm's Attention reads this flag on every forward
+            m.fused_attn = use_fused_attn() and not bf16_training
+        if isinstance(m, lora.LoRALinear):
+            m.merge_in_forward = bf16_training
+
+
 def setup_cpu(args):
     args.threads = args.threads or physical_cores()
     torch.set_num_threads(args.threads)
     args.precision = resolve_precision(args.precision)
     torch.manual_seed(args.seed)
+    native = cpu_has_native_bf16()
     print(f"cpu: {args.threads} threads, precision {args.precision}"
-          f" (native bf16: {'yes' if cpu_has_native_bf16() else 'no'}), torch {torch.__version__}")
+          f" (native bf16: {'yes' if native else 'no'}), torch {torch.__version__}")
+    if args.precision == "bf16" and not native:
+        print("note: this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 is emulated and usually "
+              "slower than fp32 here; --precision auto picks fp32.")
 
 
 # ----------------------------------------------------------------------------- data
@@ -473,10 +498,24 @@ def make_optimizer(model, args, total_steps):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
 
+def train_step(model, opt, sched, x, y, precision: str) -> torch.Tensor:
+    """One AdamW step on a batch; returns the fp32 loss. A non-finite loss leaves the weights alone."""
+    with autocast(precision):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)  # (B, C) -> scalar, always fp32
+    if torch.isfinite(loss):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return loss
+
+
 def train_one_epoch(model, opt, sched, data: Split, args, epoch: int, g: torch.Generator, mean, std,
                     log_every_s: float = 15.0) -> list:
     """One pass over `data` in shuffled batches; returns the per-step losses."""
     model.train()
+    set_kernels(model, args.precision, training=True)
     n, bs = len(data.labels), args.batch_size
     steps = math.ceil(n / bs)
     perm = torch.randperm(n, generator=g)
@@ -486,17 +525,11 @@ def train_one_epoch(model, opt, sched, data: Split, args, epoch: int, g: torch.G
         idx = perm[step * bs:(step + 1) * bs]
         x = to_model_input(random_crop_flip(data.images[idx], g), args.img_size, mean, std)
         y = data.labels[idx]
-        with autocast(args.precision):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)  # (B, C) -> scalar, always fp32
+        loss = train_step(model, opt, sched, x, y, args.precision)
         if not torch.isfinite(loss):
             raise RunError(f"the loss became {loss.item()} at epoch {epoch}, step {step + 1}/{steps}. "
                            f"Training diverged: lower the learning rate, e.g. --lr {args.lr / 10:g} "
                            f"(was {args.lr:g}). No row was written.")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
         losses.append(loss.item())
         now = time.perf_counter()
         if now - last_log >= log_every_s or step + 1 == steps:
@@ -512,6 +545,7 @@ def train_one_epoch(model, opt, sched, data: Split, args, epoch: int, g: torch.G
 def predict(model, data: Split, args, mean, std) -> np.ndarray:
     """Softmax probabilities (N, C) in fp32, batch by batch; the caller merges LoRA first."""
     model.eval()
+    set_kernels(model, args.precision, training=False)
     out = []
     for start in range(0, len(data.labels), args.batch_size):
         x = to_model_input(data.images[start:start + args.batch_size], args.img_size, mean, std)

@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 VALID_TARGETS = ("qkv", "proj", "fc1", "fc2")  # the nn.Linear layers of a timm ViT block
 
@@ -29,6 +30,11 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        # Same function, another order of operations: x @ (W + B·A·scaling).T, one full-size GEMM
+        # whose (out, in) weight gradient autograd then projects onto A and B. Cheaper than three thin
+        # rank-r GEMMs where full-size GEMMs are fast (bf16 on AVX512-BF16/AMX); common.set_kernels
+        # turns it on for bf16 training only, so the fp32 path computes exactly the formula above.
+        self.merge_in_forward = False
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, in), same shape as base.weight
@@ -50,6 +56,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
+        if self.merge_in_forward and isinstance(self.lora_dropout, nn.Identity):
+            return F.linear(x, self.base.weight + self.delta_weight(), self.base.bias)
         # x: (..., in) -> (..., r) -> (..., out); never forms the (out, in) product.
         return self.base(x) + (self.lora_dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
 
