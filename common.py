@@ -241,10 +241,11 @@ def set_kernels(model: nn.Module, precision: str, training: bool):
     """
     from timm.layers import use_fused_attn
     bf16_training = training and precision == "bf16"
+    fused = use_fused_attn() and not bf16_training  # timm's default, unless bf16 training
     for m in model.modules():
-        if hasattr(m, "fused_attn"):  # timm's Attention reads this flag on every forward
-            m.fused_attn = use_fused_attn() and not bf16_training
-        if isinstance(m, lora.LoRALinear):
+        if "fused_attn" in vars(m):  # timm's Attention reads this flag on every forward
+            m.fused_attn = fused
+        elif isinstance(m, lora.LoRALinear):
             m.merge_in_forward = bf16_training
 
 
