@@ -1136,3 +1136,248 @@ class TestNotes(unittest.TestCase):
         self.assertNotIn("(random-init)", block)
         if "Empty" in block:  # until real pretrained runs exist: no accuracy in it at all
             self.assertNotRegex(block, r"\d+\.\d\d ± ")
+
+
+# ----------------------------------------------------------------------------- speed (issue 3)
+
+import copy  # noqa: E402
+import re  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def cpuinfo(flags):
+    return (f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\n"
+            f"processor\t: 1\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
+
+
+class TestPrecisionChoice(unittest.TestCase):
+    """--precision auto reads the CPU's own flags; bf16 only where the CPU has it natively."""
+
+    def native(self, text, platform="linux"):
+        with unittest.mock.patch.object(common.sys, "platform", platform), \
+                unittest.mock.patch.object(common.os.path, "exists", return_value=True), \
+                unittest.mock.patch("builtins.open", unittest.mock.mock_open(read_data=text)):
+            return common.cpu_has_native_bf16(), common.resolve_precision("auto")
+
+    def test_linux_without_bf16_flags_is_fp32(self):  # e.g. an AVX2 or AVX-512 i7
+        self.assertEqual(self.native(cpuinfo("fpu sse2 avx avx2 fma avx512f avx512bw avx512_vnni")),
+                         (False, "fp32"))
+
+    def test_linux_with_avx512_bf16_or_amx_is_bf16(self):
+        self.assertEqual(self.native(cpuinfo("avx2 avx512f avx512_bf16")), (True, "bf16"))
+        self.assertEqual(self.native(cpuinfo("avx2 amx_tile amx_bf16")), (True, "bf16"))
+
+    def test_no_flags_line_is_fp32(self):  # e.g. ARM Linux reports "Features", not "flags"
+        self.assertEqual(self.native("processor\t: 0\nFeatures\t: fp asimd bf16\n"), (False, "fp32"))
+
+    def test_mac_reads_sysctl(self):
+        def sysctl(out):
+            return unittest.mock.patch.object(common.subprocess, "run",
+                                              return_value=types.SimpleNamespace(stdout=out))
+        with unittest.mock.patch.object(common.sys, "platform", "darwin"):
+            with sysctl("FPU SSE2 AVX1.0\nAVX2 BMI2 AVX512F AVX512BW\n"):  # an Intel Mac
+                self.assertEqual((common.cpu_has_native_bf16(), common.resolve_precision("auto")),
+                                 (False, "fp32"))
+            with sysctl("AVX2 AVX512F AVX512BF16\n"):
+                self.assertTrue(common.cpu_has_native_bf16())
+
+    def test_explicit_choice_is_kept(self):
+        with unittest.mock.patch.object(common, "cpu_has_native_bf16", return_value=False):
+            self.assertEqual(common.resolve_precision("bf16"), "bf16")
+        with unittest.mock.patch.object(common, "cpu_has_native_bf16", return_value=True):
+            self.assertEqual(common.resolve_precision("fp32"), "fp32")
+
+    def test_physical_cores_counts_cores_not_hyperthreads(self):
+        text = "".join(f"processor\t: {i}\nphysical id\t: {i // 4}\ncore id\t\t: {i % 4 // 2}\n\n"
+                       for i in range(8))  # 2 sockets x 2 cores x 2 hyper-threads
+        with unittest.mock.patch.object(common.sys, "platform", "linux"), \
+                unittest.mock.patch.object(common.os, "sched_getaffinity", return_value=set(range(8)),
+                                           create=True), \
+                unittest.mock.patch.object(common.os.path, "exists", return_value=True), \
+                unittest.mock.patch("builtins.open", unittest.mock.mock_open(read_data=text)):
+            self.assertEqual(common.physical_cores(), 4)
+
+    @needs_real_data
+    def test_auto_precision_printed_and_recorded(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            results = os.path.join(tmp, "r.csv")
+            out = run_script("train_norm.py", *tiny_flags(results, "--no-pretrained"))
+            self.assertEqual(out.returncode, 0, out.stderr)
+            want = common.resolve_precision("auto")
+            self.assertIn(f"precision {want}", out.stdout)
+            rows = read_rows(results)
+            self.assertEqual(dict(zip(rows[0], rows[1]))["precision"], want)
+
+
+def lora_hybrid(img_size=32):
+    """Hybrid model with non-zero B, so that the LoRA branch changes the output."""
+    model = apply_method(vit(img_size=img_size), "hybrid")
+    torch.manual_seed(1)
+    for layer in lora.lora_layers(model):
+        nn.init.normal_(layer.lora_B, std=0.02)
+    return model
+
+
+class TestFastKernels(unittest.TestCase):
+    """common.set_kernels: bf16 training only; fp32 and evaluation keep the defaults."""
+
+    def flags(self, model):
+        attn = {m.fused_attn for m in model.modules() if "fused_attn" in vars(m)}
+        merge = {m.merge_in_forward for m in lora.lora_layers(model)}
+        return attn, merge
+
+    def test_switches_only_for_bf16_training(self):
+        from timm.layers import use_fused_attn
+        model = lora_hybrid()
+        default = self.flags(model)
+        self.assertEqual(default, ({use_fused_attn()}, {False}))
+        for precision, training in (("fp32", True), ("fp32", False), ("bf16", False)):
+            common.set_kernels(model, precision, training)
+            self.assertEqual(self.flags(model), default, (precision, training))
+        common.set_kernels(model, "bf16", True)
+        self.assertEqual(self.flags(model), ({False}, {True}))
+        common.set_kernels(model, "bf16", False)  # predict() after training: back to the defaults
+        self.assertEqual(self.flags(model), default)
+
+    def test_fp32_training_step_is_bit_identical(self):
+        """train_step after set_kernels(fp32) == the unrefactored loop body, to the last bit."""
+        x = torch.randn(4, 3, 32, 32)
+        y = torch.tensor([0, 1, 2, 3])
+        args = types.SimpleNamespace(lr=1e-3, weight_decay=0.01)
+        a, b = lora_hybrid(), lora_hybrid()
+        a.train(), b.train()
+        common.set_kernels(a, "fp32", training=True)
+        (opt_a, sched_a), (opt_b, sched_b) = common.make_optimizer(a, args, 3), common.make_optimizer(b, args, 3)
+        for _ in range(2):
+            common.train_step(a, opt_a, sched_a, x, y, "fp32")
+            loss = F.cross_entropy(b(x), y)
+            opt_b.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_b.step()
+            sched_b.step()
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            self.assertTrue(torch.equal(p, q), name)
+
+    def test_merge_in_forward_is_the_formula_in_fp32(self):
+        torch.manual_seed(0)
+        layer = lora.LoRALinear(nn.Linear(12, 20), r=4, alpha=8)
+        nn.init.normal_(layer.lora_B)
+        x = torch.randn(3, 5, 12, requires_grad=True)
+        outs = []
+        for merge_in_forward in (False, True):
+            layer.merge_in_forward = merge_in_forward
+            out = layer(x)
+            grads = torch.autograd.grad(out.square().sum(), (x, layer.lora_A, layer.lora_B))
+            outs.append((out,) + grads)
+        for plain, merged in zip(*outs):
+            torch.testing.assert_close(merged, plain, rtol=1e-5, atol=1e-5)
+        self.assertIsNone(layer.base.weight.grad)  # the frozen weight itself gets no gradient
+
+    def test_merge_in_forward_keeps_dropout_on_the_lora_branch(self):
+        layer = lora.LoRALinear(nn.Linear(12, 20), r=4, alpha=8, dropout=0.5)
+        nn.init.normal_(layer.lora_B)
+        x = torch.randn(6, 12)
+        torch.manual_seed(5)
+        plain = layer(x)
+        layer.merge_in_forward = True
+        torch.manual_seed(5)
+        self.assertTrue(torch.equal(layer(x), plain))  # same mask, same two-branch formula
+
+    def test_attention_kernels_agree_in_fp32(self):
+        model = vit().eval()
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            fused = model(x)
+            common.set_kernels(model, "bf16", training=True)  # flips timm's flag only
+            explicit = model(x)
+        torch.testing.assert_close(explicit, fused, rtol=1e-4, atol=1e-5)
+
+    def test_bf16_training_gradients_within_bf16_rounding_of_fp32(self):
+        x = common.to_model_input(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), 32,
+                                  (0.5,) * 3, (0.5,) * 3)
+        y = torch.arange(8) % 10
+        base = lora_hybrid()
+
+        def loss_and_grads(precision):
+            model = copy.deepcopy(base).train()
+            common.set_kernels(model, precision, training=True)
+            with common.autocast(precision):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            loss.backward()
+            return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+        (l32, g32), (l16, g16) = loss_and_grads("fp32"), loss_and_grads("bf16")
+        self.assertAlmostEqual(l16, l32, delta=0.02)
+        self.assertLess(((g16 - g32).norm() / g32.norm()).item(), 0.05)  # ~1 % seen
+
+    def test_train_step_skips_the_update_on_a_non_finite_loss(self):
+        model = lora_hybrid().train()
+        opt, sched = common.make_optimizer(model, types.SimpleNamespace(lr=1e-3, weight_decay=0.01), 3)
+        before = copy.deepcopy(model.state_dict())
+        loss = common.train_step(model, opt, sched, torch.full((2, 3, 32, 32), float("nan")),
+                                 torch.tensor([0, 1]), "fp32")
+        self.assertFalse(torch.isfinite(loss))
+        for k, v in model.state_dict().items():
+            self.assertTrue(torch.equal(v, before[k]), k)
+
+
+class TestLeanDataPath(unittest.TestCase):
+    def test_to_model_input_is_the_formula_bit_for_bit(self):
+        x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        for size in (32, 64):
+            ref = x.float() / 255
+            if size != 32:
+                ref = F.interpolate(ref, size=(size, size), mode="bilinear", align_corners=False)
+            ref = (ref - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+            out = common.to_model_input(x, size, mean, std)
+            self.assertEqual((out.dtype, out.shape), (torch.float32, (3, 3, size, size)))
+            self.assertTrue(torch.equal(out, ref), size)
+        self.assertEqual(x.dtype, torch.uint8)  # the stored images are untouched
+
+
+class TestMergedEvaluation(unittest.TestCase):
+    def test_merged_matches_unmerged_in_fp32_and_bf16(self):
+        model = lora_hybrid()
+        data = common.Split(torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8),
+                            torch.zeros(12, dtype=torch.long), list(range(10)))
+        for precision, tol in (("fp32", 1e-5), ("bf16", 1e-2)):  # ~1e-7 and ~1e-3 seen
+            args = types.SimpleNamespace(batch_size=5, img_size=32, precision=precision)
+            unmerged = common.predict(model, data, args, (0.5,) * 3, (0.5,) * 3)
+            lora.merge_lora(model)
+            merged = common.predict(model, data, args, (0.5,) * 3, (0.5,) * 3)
+            lora.unmerge_lora(model)
+            self.assertEqual(merged.dtype, np.float32)
+            np.testing.assert_allclose(merged, unmerged, atol=tol, err_msg=precision)
+            np.testing.assert_allclose(merged.sum(axis=1), 1.0, atol=1e-5)
+
+
+class TestBench(unittest.TestCase):
+    """bench.py is a benchmark; here it only has to run and print every row (no timings checked)."""
+
+    def test_tiny_run_prints_every_row(self):
+        out = run_script("bench.py", "--img-size", "32", "--batch-size", "2", "--steps", "1", timeout=170)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        precisions = ("fp32", "bf16") if common.cpu_has_native_bf16() else ("fp32",)
+        lines = out.stdout.splitlines()
+        self.assertTrue(any(ln.startswith("plain way (reference)  fp32") for ln in lines), out.stdout)
+        for name in ("plain backbone", "LoRA", "NormTune", "Hybrid", "full fine-tune", "LoRA unmerged"):
+            for precision in precisions:
+                self.assertTrue(any(re.match(rf"{re.escape(name)} +{precision} ", ln) for ln in lines),
+                                f"no {name} {precision} row in:\n{out.stdout}")
+        if "bf16" not in precisions:
+            self.assertFalse(any(re.search(r"\bbf16\b +\d", ln) for ln in lines))
+        for text in ("torch " + torch.__version__, "train img/s", "eval img/s", "% peak", "50k epoch",
+                     "merged vs unmerged", "peak matmul", "GFLOP/image at 32 px", "data preparation"):
+            self.assertIn(text, out.stdout)
+
+    def test_flops_and_models_are_the_suites(self):
+        import bench
+        self.assertAlmostEqual(bench.forward_gflop(224), 2.5, delta=0.05)  # the issue's figure
+        self.assertLess(bench.forward_gflop(112), bench.forward_gflop(224) / 4)
+        for method, name in (("LoRA", "lora"), ("NormTune", "normtune"), ("Hybrid", "hybrid")):
+            self.assertEqual(common.param_breakdown(bench.suite_model(method, 32)),
+                             common.param_breakdown(apply_method(vit(), name)), method)
+        full = common.param_breakdown(bench.suite_model("full fine-tune", 32))
+        self.assertEqual(full["trainable"], full["total"])
