@@ -1,0 +1,315 @@
+"""python bench.py [--img-size 224] [--batch-size 32] [--steps 10]  ->  prints one table: training and
+evaluation images/s of LoRA, NormTune, Hybrid and a full fine-tune, in fp32 and (where this CPU has native
+bf16) bf16, each against the plain way measured in the same run; % of this machine's peak matmul FLOP/s;
+the projected time of one 50,000-image CIFAR-10 epoch; then merged vs unmerged LoRA evaluation and the
+data-preparation share of a training step.
+
+A benchmark, not a test: random images and random-init weights, no data, no downloads, no results file.
+About 3 minutes at the defaults on 2 cores.
+
+What is timed
+- training step: the suite's own data path on a uint8 batch (common.random_crop_flip, common.to_model_input)
+  + common.train_step (forward under common.autocast, fp32 loss, backward, AdamW step), after
+  common.set_kernels, exactly as train_one_epoch does;
+- evaluation step: common.predict on one batch (inference_mode, fp32 softmax), with the LoRA factors
+  merged first as fit_and_report does (one extra row evaluates LoRA unmerged);
+- the plain way, the reference: timm's model with LoRA written as the naive formula
+  W x + b + (alpha/r)·B A x, no autocast, plain AdamW, fed the same data path; for evaluation the plain
+  timm backbone (no LoRA at all) under inference_mode, in each precision.
+Every setup has its own model. After WARMUP untimed steps each, every round times one step of every
+setup in turn, so that a busy moment on a shared machine slows all setups alike; a setup's number is its
+median over the rounds.
+
+FLOPs: the ViT's matmuls are counted by hand (forward_gflop), about 2.5 GFLOP per image at 224 px.
+Training with a frozen backbone costs about 2x the forward (forward + gradients of the activations),
+a full fine-tune about 3x (+ gradients of every weight); LoRA's rank-8 factors add under 6 %, left out.
+"% peak" = achieved FLOP/s / the best torch.mm FLOP/s of this machine in that precision.
+"""
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import lora
+import normtune
+
+WARMUP = 2                     # untimed steps per setup (oneDNN builds its kernels on the first call)
+EPOCH_IMAGES = 50_000          # CIFAR-10 training split
+METHODS = ("LoRA", "NormTune", "Hybrid", "full fine-tune")
+LR = {"LoRA": common.DEFAULT_LR["lora"], "NormTune": common.DEFAULT_LR["normtune"],
+      "Hybrid": common.DEFAULT_LR["hybrid"], "full fine-tune": 1e-4}
+
+
+# ----------------------------------------------------------------------------- the reference: the plain way
+
+class NaiveLoRA(nn.Module):
+    """LoRA as a first implementation writes it: y = base(x) + (x @ A.T @ B.T) * alpha / r."""
+
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16):
+        super().__init__()
+        self.base, self.scaling = base, alpha / r
+        self.A = nn.Parameter(torch.randn(r, base.in_features) / base.in_features ** 0.5)
+        self.B = nn.Parameter(torch.zeros(base.out_features, r))
+
+    def forward(self, x):
+        return self.base(x) + x @ self.A.T @ self.B.T * self.scaling
+
+
+_TEMPLATES = {}
+
+
+def plain_model(img_size):
+    """A fresh copy of one random-init timm ViT-Tiny with a 10-class head (copying beats re-initialising)."""
+    if img_size not in _TEMPLATES:
+        _TEMPLATES[img_size] = timm.create_model(common.BACKBONE, pretrained=False, num_classes=10,
+                                                 img_size=img_size)
+    return copy.deepcopy(_TEMPLATES[img_size])
+
+
+def plain_hybrid(img_size):
+    """timm ViT-Tiny, frozen, with NaiveLoRA on qkv/proj/fc1/fc2, LayerNorms and head trainable."""
+    model = plain_model(img_size)
+    model.requires_grad_(False)
+    for block in model.blocks:
+        for parent, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
+            setattr(parent, name, NaiveLoRA(getattr(parent, name)))
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.requires_grad_(True)
+    model.head.requires_grad_(True)
+    return model
+
+
+def plain_train_step(model, batch):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+
+    def step():
+        x, y = batch()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return step
+
+
+def plain_eval_step(model, batch, precision):
+    model.eval()
+
+    def step():
+        x, _ = batch(augment=False)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            model(x).float().softmax(dim=-1)
+    return step
+
+
+# ----------------------------------------------------------------------------- the suite's own code
+
+def suite_model(method, img_size):
+    """The model exactly as train_lora.py / train_norm.py / train_hybrid.py build it (random init)."""
+    model = plain_model(img_size)
+    model.requires_grad_(False)                       # as common.build_model leaves it
+    if method in ("LoRA", "Hybrid"):
+        lora.apply_lora(model)                        # default r=8, alpha=16, qkv/proj/fc1/fc2
+    if method in ("NormTune", "Hybrid"):
+        normtune.apply_normtune(model)
+    common.set_head_trainable(model, True)
+    if method == "full fine-tune":                    # the baseline: every weight trains
+        model.requires_grad_(True)
+    return model
+
+
+def suite_train_step(method, precision, batch, args):
+    model = suite_model(method, args.img_size)
+    run = argparse.Namespace(lr=LR[method], weight_decay=0.01)
+    opt, sched = common.make_optimizer(model, run, total_steps=WARMUP + args.steps)
+    model.train()
+    common.set_kernels(model, precision, training=True)   # as train_one_epoch does
+
+    def step():
+        x, y = batch()
+        common.train_step(model, opt, sched, x, y, precision)
+    return step
+
+
+def suite_eval_step(method, precision, images, args, merge=True):
+    model = suite_model(method, args.img_size)
+    if merge:
+        lora.merge_lora(model)                        # as fit_and_report does; no-op without LoRA
+    data = common.Split(images, torch.zeros(len(images), dtype=torch.long), list(range(10)))
+    run = argparse.Namespace(batch_size=len(images), img_size=args.img_size, precision=precision)
+    mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
+    return lambda: common.predict(model, data, run, mean, std)
+
+
+# ----------------------------------------------------------------------------- machine and FLOPs
+
+def cpu_name() -> str:
+    if sys.platform == "darwin":
+        import subprocess
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                                  text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
+def peak_matmul_gflops(dtype) -> float:
+    """Best median FLOP/s of a square torch.mm (1024 and 2048) in `dtype`: what this CPU can do at best."""
+    best = 0.0
+    for n in (1024, 2048):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        for _ in range(2):
+            a @ b
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        best = max(best, 2 * n ** 3 / statistics.median(times) / 1e9)
+    return best
+
+
+def forward_gflop(img_size, num_classes=10) -> float:
+    """Matmul FLOPs of one image through ViT-Tiny (2 per multiply-add)."""
+    model = plain_model(img_size)
+    d, hidden, depth = model.embed_dim, model.blocks[0].mlp.fc1.out_features, len(model.blocks)
+    patches = (img_size // common.PATCH) ** 2
+    tokens = patches + model.num_prefix_tokens       # + the class token
+    macs = (patches * 3 * common.PATCH ** 2 * d                   # patch embedding
+            + depth * (tokens * (4 * d * d + 2 * d * hidden)      # qkv + proj, fc1 + fc2
+                       + 2 * tokens * tokens * d)                 # q @ k.T and attn @ v
+            + d * num_classes)                                    # head
+    return 2 * macs / 1e9
+
+
+# ----------------------------------------------------------------------------- the run
+
+def interleaved_medians(steps: dict, rounds: int) -> dict:
+    """name -> median seconds of one call, timing every setup once per round."""
+    for name, step in steps.items():
+        for _ in range(WARMUP):
+            step()
+    times = {name: [] for name in steps}
+    for r in range(rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+        print(f"  round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--img-size", type=common._img_size, default=224, help="input resolution, a multiple of 16")
+    p.add_argument("--batch-size", type=common._positive_int, default=32, help="images per step")
+    p.add_argument("--steps", type=common._positive_int, default=10, help="timed steps (rounds) per setup")
+    args = p.parse_args()
+
+    threads = common.physical_cores()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    native = common.cpu_has_native_bf16()
+    precisions = ("fp32", "bf16") if native else ("fp32",)
+    print(f"machine: {cpu_name()}, {threads} threads (physical cores), native bf16: {'yes' if native else 'no'}")
+    print(f"software: torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}, "
+          f"{platform.system()} {platform.machine()}")
+    print(f"setting: {common.BACKBONE}, random init, {args.img_size} px, batch {args.batch_size}, "
+          f"median of {args.steps} steps after {WARMUP} warm-up steps", flush=True)
+
+    images = torch.randint(0, 256, (args.batch_size, 3, 32, 32), dtype=torch.uint8)  # CIFAR-sized, uint8
+    labels = torch.randint(0, 10, (args.batch_size,))
+    cfg = plain_model(args.img_size).pretrained_cfg
+    g = torch.Generator().manual_seed(0)
+
+    def batch(augment=True):
+        """The suite's data path: uint8 32x32 -> crop/flip -> resize + normalise, float32."""
+        x = common.random_crop_flip(images, g) if augment else images
+        return common.to_model_input(x, args.img_size, cfg["mean"], cfg["std"]), labels
+
+    steps = {("data prep", "fp32", "prep"): batch,
+             ("plain way", "fp32", "train"): plain_train_step(plain_hybrid(args.img_size), batch)}
+    for prec in precisions:
+        steps[("plain backbone", prec, "eval")] = plain_eval_step(plain_model(args.img_size), batch, prec)
+    for method in METHODS:
+        for prec in precisions:
+            steps[(method, prec, "train")] = suite_train_step(method, prec, batch, args)
+            steps[(method, prec, "eval")] = suite_eval_step(method, prec, images, args)
+    for prec in precisions:
+        steps[("LoRA unmerged", prec, "eval")] = suite_eval_step("LoRA", prec, images, args, merge=False)
+    peak = {"fp32": peak_matmul_gflops(torch.float32)}
+    if native:
+        peak["bf16"] = peak_matmul_gflops(torch.bfloat16)
+    fwd = forward_gflop(args.img_size)
+
+    print(f"timing {len(steps)} setups...", file=sys.stderr, flush=True)
+    sec = interleaved_medians(steps, args.steps)
+    ips = {k: args.batch_size / s for k, s in sec.items()}   # images per second
+
+    ref_train = ips[("plain way", "fp32", "train")]
+
+    def row(name, prec, label=None):
+        """One table line; blank where a setup has no training or no evaluation step."""
+        cells = [label or name, prec]
+        t = ips.get((name, prec, "train"))
+        if t is None:
+            cells += [""] * 3
+        else:
+            flops = fwd * (3 if name == "full fine-tune" else 2)
+            cells += [f"{t:.1f}", f"{t / ref_train:.2f}", f"{100 * t * flops / peak[prec]:.0f} %"]
+        e = ips.get((name, prec, "eval"))
+        if e is None:
+            cells += [""] * 3
+        else:
+            backbone = ips[("plain backbone", prec, "eval")]
+            cells += [f"{e:.1f}", f"{e / backbone:.2f}", f"{100 * e * fwd / peak[prec]:.0f} %"]
+        return cells + [common.format_duration(EPOCH_IMAGES / t) if t else ""]
+
+    head = ["setup", "precision", "train img/s", "x plain", "% peak", "eval img/s", "x backbone", "% peak",
+            "50k epoch"]
+    rows = [row("plain way", "fp32", "plain way (reference)")]
+    rows += [row("plain backbone", prec) for prec in precisions]
+    rows += [row(method, prec) for method in METHODS + ("LoRA unmerged",) for prec in precisions]
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    print()
+    for r in [head] + rows:
+        print("  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    print("x plain = training img/s / the plain way's (fp32) in this run; x backbone = evaluation img/s / "
+          "the plain backbone's in the same precision")
+    print()
+    merged_vs = ", ".join(f"{prec} {ips[('LoRA', prec, 'eval')] / ips[('LoRA unmerged', prec, 'eval')]:.2f}x"
+                          for prec in precisions)
+    print(f"LoRA evaluation, merged vs unmerged: {merged_vs}")
+    print("peak matmul (square torch.mm): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items())
+          + (f" (bf16 = {peak['bf16'] / peak['fp32']:.1f}x fp32)" if native else ""))
+    best = precisions[-1]
+    floor = EPOCH_IMAGES * 2 * fwd / peak[best]
+    print(f"model: forward {fwd:.2f} GFLOP/image at {args.img_size} px; training ~2x that with a frozen "
+          f"backbone, ~3x for a full fine-tune. FLOP floor of a 50k Hybrid epoch in {best}: "
+          f"{common.format_duration(floor)} at peak")
+    prep = sec[("data prep", "fp32", "prep")]
+    print(f"data preparation (crop/flip, resize, normalise of {args.batch_size} images): {1000 * prep:.1f} ms "
+          f"= {100 * prep / sec[('Hybrid', best, 'train')]:.1f} % of a Hybrid {best} training step")
+    print("50k epoch = 50,000 training images / train img/s; evaluating the 10,000 test images adds "
+          "10,000 / eval img/s.")
+
+
+if __name__ == "__main__":
+    main()
