@@ -5,7 +5,7 @@ the projected time of one 50,000-image CIFAR-10 epoch; then merged vs unmerged L
 data-preparation share of a training step.
 
 A benchmark, not a test: random images and random-init weights, no data, no downloads, no results file.
-About 3 minutes at the defaults on 2 cores.
+About 2 minutes at the defaults on 2 quiet cores (longer on a busy machine).
 
 What is timed
 - training step: the suite's own data path on a uint8 batch (common.random_crop_flip, common.to_model_input)
