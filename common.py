@@ -445,7 +445,8 @@ def _create_from_file(path, kw):
         raise RunError(f"--weights {path} does not fit {BACKBONE}: {len(missing)} missing keys "
                        f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}), {len(extra)} unexpected keys "
                        f"({', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}). Use a {BACKBONE} checkpoint.")
-    overlay = dict(file=path, custom_load=path.endswith(".npz"))  # .npz = original JAX format
+    # custom_load=False: a state_dict file, not the registry's original .npz (older timm kept that flag)
+    overlay = dict(file=path, custom_load=False)
     try:
         return timm.create_model(BACKBONE, pretrained=True, pretrained_cfg_overlay=overlay, **kw)
     except RuntimeError as e:  # e.g. size mismatch: a ViT of another width
