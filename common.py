@@ -8,6 +8,7 @@ import csv
 import datetime
 import io
 import json
+import logging
 import math
 import os
 import subprocess
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 import lora
 
 BACKBONE = "vit_tiny_patch16_224"
+HUB_ID = "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"  # timm's default weights for BACKBONE
 PATCH = 16
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RESULTS = os.path.join(HERE, "results_week1.csv")
@@ -88,6 +90,7 @@ def _checked(convert, ok, requirement):
 _positive_int = _checked(int, lambda v: v >= 1, "at least 1")
 _positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
 _nonnegative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+_seed = _checked(int, lambda v: 0 <= v < 2 ** 63, "a whole number from 0 to 2**63-1")
 _dropout = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 _img_size = _checked(int, lambda v: v >= 1 and v % PATCH == 0,
                      f"a positive multiple of the patch size {PATCH} (e.g. 32, 64, 112, 224)")
@@ -109,16 +112,22 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One clear line (and where to look) instead of argparse's usage block: exit code 2."""
+        self.exit(2, f"{self.prog}: error: {message}\n(`python {self.prog} --help` lists every flag)\n")
+
+
 def build_parser(method: str, doc: str) -> argparse.ArgumentParser:
     uses_lora = method in ("lora", "hybrid")
-    p = argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
+    p = _Parser(description=doc, formatter_class=_HelpFormatter)
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training set")
     g.add_argument("--batch-size", type=_positive_int, default=32, help="images per step")
     g.add_argument("--lr", type=_positive_float, default=DEFAULT_LR[method], help="peak AdamW learning rate")
     g.add_argument("--weight-decay", type=_nonnegative_float, default=0.01,
                    help="AdamW weight decay on matrices (LoRA factors, head weight); never on norms/biases")
-    g.add_argument("--seed", type=int, default=0, help="seeds subsets, shuffling, augmentation and inits")
+    g.add_argument("--seed", type=_seed, default=0, help="seeds subsets, shuffling, augmentation and inits")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto = bf16 autocast if this CPU has native bf16 (AVX512-BF16/AMX), else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (about 30 s warm-up)")
@@ -169,6 +178,9 @@ def parse_args(method: str, doc: str, argv=None) -> argparse.Namespace:
     if args.save_adapter:
         args.save_adapter = os.path.abspath(os.path.expanduser(args.save_adapter))
         folder = os.path.dirname(args.save_adapter)
+        if os.path.isdir(args.save_adapter):
+            p.error(f"--save-adapter {args.save_adapter} is a folder; give a file name, e.g. "
+                    f"{os.path.join(args.save_adapter, args.method + '.pt')}")
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             p.error(f"--save-adapter: folder {folder} does not exist or is not writable; create it or pick another path")
     return args
@@ -391,7 +403,7 @@ def weights_source(args) -> str:
         return f"random-init(seed={args.seed})"
     if args.weights:
         return "file:" + os.path.abspath(os.path.expanduser(args.weights))
-    return "timm:" + BACKBONE + ".augreg_in21k_ft_in1k"
+    return "timm:" + HUB_ID.split("/", 1)[1]
 
 
 def build_model(args, num_classes: int) -> nn.Module:
@@ -404,18 +416,39 @@ def build_model(args, num_classes: int) -> nn.Module:
         model = timm.create_model(BACKBONE, pretrained=False, **kw)
     elif args.weights:
         model = _create_from_file(os.path.abspath(os.path.expanduser(args.weights)), kw)
+    elif _cached_hub_file():  # downloaded before: no network round-trip (and no wait when offline)
+        model = _create_from_file(_cached_hub_file(), kw)
     else:
+        print(f"model: downloading the pretrained weights from the Hugging Face hub ({HUB_ID}, 22 MB, once)")
+        hub_log = logging.getLogger("huggingface_hub")
+        level = hub_log.level
+        hub_log.setLevel(logging.ERROR)  # offline, the hub retries for ~45 s with a warning per try
         try:
             model = timm.create_model(BACKBONE, pretrained=True, **kw)
         except Exception as e:  # offline, proxy, hub outage: any failure to fetch ends here
             raise RunError(f"could not download the pretrained {BACKBONE} weights ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}). Run once with internet access (timm "
-                           f"caches them), or pass --weights PATH to a local checkpoint, or --no-pretrained "
-                           f"for a random-init smoke test.")
+                           f"{str(e).splitlines()[0] if str(e) else ''}). Run once with internet access (they "
+                           f"are cached), or pass --weights PATH to a local checkpoint (train_*.py also take "
+                           f"--no-pretrained for a random-init smoke test).")
+        finally:
+            hub_log.setLevel(level)
     for p in model.parameters():
         p.requires_grad_(False)
     print(f"model: {BACKBONE}, {num_classes} classes, {args.img_size}px, weights {weights_source(args)}")
     return model
+
+
+def _cached_hub_file():
+    """Path of the default weights in the Hugging Face cache, or None if they were never downloaded."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for name in ("model.safetensors", "pytorch_model.bin"):  # what timm downloads, in its order
+        path = try_to_load_from_cache(HUB_ID, name)
+        if isinstance(path, str) and os.path.isfile(path):
+            return path
+    return None
 
 
 def _create_from_file(path, kw):
@@ -430,9 +463,9 @@ def _create_from_file(path, kw):
     try:
         state = load_state_dict(path)
     except Exception as e:
-        raise RunError(f"--weights {path} could not be read as a checkpoint ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''}). Re-download or re-export it as "
-                       f".safetensors/.pth/.bin.")
+        why = str(e).split(". ")[0].splitlines()[0][:160] if str(e) else ""  # torch's own advice does not apply
+        raise RunError(f"--weights {path} could not be read as a checkpoint ({type(e).__name__}: {why}). "
+                       f"Re-download it, or re-export it as .safetensors/.pth/.bin.")
     plain = timm.create_model(BACKBONE, pretrained=False, **kw)
     expected = {k for k in plain.state_dict() if not k.startswith("head.")}
     try:
@@ -602,6 +635,9 @@ def _read_header(f) -> list:
 def check_results_file(path):
     """Fail early, before any training, if the results CSV cannot take our row."""
     folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise UsageError(f"--results {path} is a folder; give a CSV file name, e.g. "
+                         f"{os.path.join(path, 'results_week1.csv')}.")
     if not os.path.isdir(folder):
         raise UsageError(f"--results {path}: folder {folder} does not exist; create it or pick another path.")
     if os.path.exists(path):
@@ -727,10 +763,6 @@ def fit_and_report(model, train: Split, test: Split, dataset: str, args):
         raise RunError("the metrics are not finite; no row was written. Try a lower --lr.")
 
     ts = datetime.datetime.now().isoformat(timespec="seconds")
-    if args.save_adapter:
-        save_adapter(args.save_adapter, model, args, dict(ts=ts, dataset=dataset, classes=train.classes,
-                                                          acc=acc, ece=ece))
-        print(f"adapter: {args.save_adapter} ({os.path.getsize(args.save_adapter) / 1e6:.2f} MB)")
     row = {
         "ts": ts, "method": args.method, "dataset": dataset, "backbone": BACKBONE,
         "tuned_params_%": f"{breakdown['pct']:.4f}", "acc@1": f"{acc:.2f}", "ece": f"{ece:.2f}",
@@ -751,4 +783,12 @@ def fit_and_report(model, train: Split, test: Split, dataset: str, args):
         raise RunError(f"{e}\nThe finished run's row, for pasting by hand:\n"
                        + csv_line(CSV_COLUMNS) + csv_line(row[c] for c in CSV_COLUMNS))
     print(f"results: appended {args.method} row to {args.results}")
+    if args.save_adapter:  # after the row: a full disk here must not cost the run's numbers
+        try:
+            save_adapter(args.save_adapter, model, args, dict(ts=ts, dataset=dataset, classes=train.classes,
+                                                              acc=acc, ece=ece))
+        except (OSError, RuntimeError) as e:
+            raise RunError(f"the row was written, but the adapter could not be saved to {args.save_adapter} "
+                           f"({type(e).__name__}: {e}). Free some space or pick another --save-adapter path.")
+        print(f"adapter: {args.save_adapter} ({os.path.getsize(args.save_adapter) / 1e6:.2f} MB)")
     return row

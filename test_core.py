@@ -323,6 +323,11 @@ class TestBalancedSubset(unittest.TestCase):
         y = common.random_crop_flip(x, g)
         self.assertEqual((y.shape, y.dtype), (x.shape, torch.uint8))
         self.assertFalse(torch.equal(x, y))
+        # every output image is a 32x32 window of its zero-padded input (pad 4), maybe mirrored
+        padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+        for i in range(len(x)):
+            windows = [padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+            self.assertTrue(any(torch.equal(y[i], w) or torch.equal(y[i], w.flip(2)) for w in windows), i)
         z = common.to_model_input(y, 64, (0.5,) * 3, (0.5,) * 3)
         self.assertEqual(tuple(z.shape), (8, 3, 64, 64))
         self.assertLessEqual(z.abs().max().item(), 1.0 + 1e-6)  # (x/255 - 0.5) / 0.5 in [-1, 1]
@@ -449,6 +454,24 @@ class TestLocalWeights(unittest.TestCase):
         want = resample_abs_pos_embed(self.state["pos_embed"], new_size=(4, 4), num_prefix_tokens=1)
         torch.testing.assert_close(model.pos_embed.data, want)
         self.assertTrue(torch.equal(model.blocks[3].mlp.fc1.weight, self.state["blocks.3.mlp.fc1.weight"]))
+
+    def test_default_weights_come_from_the_hub_cache_offline(self):
+        """A user who downloaded once can train offline: the cached file goes through timm's loader."""
+        root = make_imagefolder(os.path.join(self.tmp.name, "d"))
+        snap = os.path.join(self.tmp.name, "hf", "hub", "models--" + common.HUB_ID.replace("/", "--"))
+        os.makedirs(os.path.join(snap, "snapshots", "abc123"))
+        os.makedirs(os.path.join(snap, "refs"))
+        with open(os.path.join(snap, "refs", "main"), "w") as f:
+            f.write("abc123")
+        write_checkpoint(os.path.join(snap, "snapshots", "abc123", "model.safetensors"))
+        results = os.path.join(self.tmp.name, "hub.csv")
+        out = subprocess.run([sys.executable, os.path.join(HERE, "train_norm.py"), "--data-dir", root,
+                              "--img-size", "32", "--results", results], cwd=HERE, capture_output=True, text=True,
+                             env=dict(offline_env(), HF_HOME=os.path.join(self.tmp.name, "hf")), timeout=120)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertNotIn("downloading", out.stdout)
+        row = dict(zip(common.CSV_COLUMNS, read_rows(results)[1]))
+        self.assertEqual(row["weights"], "timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k")
 
     def test_missing_file(self):
         with self.assertRaises(common.RunError) as cm:
@@ -1325,6 +1348,7 @@ class TestFastKernels(unittest.TestCase):
 class TestLeanDataPath(unittest.TestCase):
     def test_to_model_input_is_the_formula_bit_for_bit(self):
         x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+        stored = x.clone()
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
         for size in (32, 64):
             ref = x.float() / 255
@@ -1334,7 +1358,7 @@ class TestLeanDataPath(unittest.TestCase):
             out = common.to_model_input(x, size, mean, std)
             self.assertEqual((out.dtype, out.shape), (torch.float32, (3, 3, size, size)))
             self.assertTrue(torch.equal(out, ref), size)
-        self.assertEqual(x.dtype, torch.uint8)  # the stored images are untouched
+        self.assertTrue(torch.equal(x, stored))  # in-place work never reaches the stored images
 
 
 class TestMergedEvaluation(unittest.TestCase):
