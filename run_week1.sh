@@ -29,6 +29,7 @@ while [[ $# -gt 0 ]]; do
         --seeds)
             shift
             while [[ $# -gt 0 && "$1" != -* ]]; do seeds+=("$1"); shift; done
+            [[ ${#seeds[@]} -gt 0 ]] || { echo "error: --seeds needs at least one seed, e.g. --seeds 0 1 2" >&2; exit 2; }
             ;;
         --) shift; extra=("$@"); break ;;
         -h|--help) usage; exit 0 ;;

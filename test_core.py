@@ -1126,7 +1126,7 @@ class TestRunWeek1(unittest.TestCase):
             self.assertFalse(os.path.exists(results))
 
     def test_usage_errors(self):
-        for args in (["--", "--seed", "3"], ["--seeds", "x"], ["--epochs", "1"]):
+        for args in (["--", "--seed", "3"], ["--seeds", "x"], ["--epochs", "1"], ["--seeds", "--", "--epochs", "1"]):
             proc = self.run_week1(*args)
             self.assertEqual(proc.returncode, 2, args)
             self.assertIn("error:", proc.stderr)
