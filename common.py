@@ -336,24 +336,36 @@ def _subset_or_error(labels, n, seed, where, flag):
     return balanced_subset(labels, n, seed)
 
 
+def is_imagefolder(root) -> bool:
+    return os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test"))
+
+
+def dataset_name(root) -> str:
+    """What the CSV's dataset column says: the ImageFolder's folder name, or cifar10."""
+    return os.path.basename(os.path.normpath(root)) if is_imagefolder(root) else "cifar10"
+
+
+def load_split(root, train: bool, n, seed) -> Split:
+    """One split, decoded once: from an ImageFolder tree if root has train/ and test/, else CIFAR-10."""
+    flag = "--train-samples" if train else "--eval-samples"
+    if is_imagefolder(root):
+        return _imagefolder_split(os.path.join(root, "train" if train else "test"), n, seed, flag)
+    return _cifar10_split(root, train, n, seed)
+
+
 def load_data(args):
-    """-> (train Split, test Split, dataset name). ImageFolder tree if data_dir has train/ and test/."""
+    """-> (train Split, test Split, dataset name)."""
     root = args.data_dir
     t0 = time.perf_counter()
-    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
-        train = _imagefolder_split(os.path.join(root, "train"), args.train_samples, args.seed, "--train-samples")
-        test = _imagefolder_split(os.path.join(root, "test"), args.eval_samples, args.seed, "--eval-samples")
-        if train.classes != test.classes:
-            only_train = sorted(set(train.classes) - set(test.classes))
-            only_test = sorted(set(test.classes) - set(train.classes))
-            raise RunError(f"the class folders of {root}/train and {root}/test differ (only in train: "
-                           f"{only_train or '-'}; only in test: {only_test or '-'}). Give both splits the same "
-                           f"class folders.")
-        name = os.path.basename(os.path.normpath(root))
-    else:
-        train, test = (_cifar10_split(root, is_train, n, args.seed)
-                       for is_train, n in ((True, args.train_samples), (False, args.eval_samples)))
-        name = "cifar10"
+    train = load_split(root, True, args.train_samples, args.seed)
+    test = load_split(root, False, args.eval_samples, args.seed)
+    if train.classes != test.classes:
+        only_train = sorted(set(train.classes) - set(test.classes))
+        only_test = sorted(set(test.classes) - set(train.classes))
+        raise RunError(f"the class folders of {root}/train and {root}/test differ (only in train: "
+                       f"{only_train or '-'}; only in test: {only_test or '-'}). Give both splits the same "
+                       f"class folders.")
+    name = dataset_name(root)
     print(f"data: {name} from {root}: {len(train.labels)} train / {len(test.labels)} test images, "
           f"{len(train.classes)} classes, decoded in {time.perf_counter() - t0:.1f}s")
     return train, test, name
@@ -416,8 +428,8 @@ def build_model(args, num_classes: int) -> nn.Module:
         model = timm.create_model(BACKBONE, pretrained=False, **kw)
     elif args.weights:
         model = _create_from_file(os.path.abspath(os.path.expanduser(args.weights)), kw)
-    elif _cached_hub_file():  # downloaded before: no network round-trip (and no wait when offline)
-        model = _create_from_file(_cached_hub_file(), kw)
+    elif cached := _cached_hub_file():  # downloaded before: no network round-trip (and no wait offline)
+        model = _create_from_file(cached, kw)
     else:
         print(f"model: downloading the pretrained weights from the Hugging Face hub ({HUB_ID}, 22 MB, once)")
         hub_log = logging.getLogger("huggingface_hub")

@@ -145,12 +145,8 @@ def load_test_split(s):
     """The test split exactly as common.load_data builds it (same subset for the same --eval-samples, seed)."""
     root = s.data_dir
     t0 = time.perf_counter()
-    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
-        test = common._imagefolder_split(os.path.join(root, "test"), s.eval_samples, s.seed, "--eval-samples")
-        name = os.path.basename(os.path.normpath(root))
-    else:
-        test = common._cifar10_split(root, False, s.eval_samples, s.seed)
-        name = "cifar10"
+    test = common.load_split(root, False, s.eval_samples, s.seed)
+    name = common.dataset_name(root)
     print(f"data: {name} from {root}: {len(test.labels)} test images, decoded in {time.perf_counter() - t0:.1f}s")
     return test, name
 
