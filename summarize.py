@@ -17,7 +17,6 @@ group; a group with a single run shows "–" (one run has no spread).
 import argparse
 import csv
 import json
-import math
 import os
 import sys
 

@@ -4,7 +4,11 @@ End-to-end tests read a few real CIFAR-10 images from ../shared/data/cifar10-jpe
 $CIFAR10_JPEG_DIR) and are skipped, with that reason printed, when it is missing. No test downloads
 anything: checkpoints are written by the tests themselves.
 """
+import contextlib
+import copy
 import csv
+import io
+import json
 import math
 import multiprocessing
 import os
@@ -13,17 +17,22 @@ import subprocess
 import sys
 import tempfile
 import time
+import re
 import types
 import unittest
+import unittest.mock
 
 import numpy as np
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import common
+import evaluate
 import lora
 import normtune
+import summarize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REAL_DATA = os.environ.get("CIFAR10_JPEG_DIR", os.path.join(HERE, "..", "shared", "data", "cifar10-jpeg"))
@@ -581,8 +590,6 @@ class TestBadFlags(unittest.TestCase):
     """Every bad flag value: exit code 2 and a message naming the flag, before any work is done."""
 
     def parse_error(self, method, *argv):
-        import contextlib
-        import io
         err = io.StringIO()
         with self.assertRaises(SystemExit) as cm, contextlib.redirect_stderr(err):
             common.parse_args(method, "", list(argv))
@@ -789,14 +796,6 @@ class TestDeterminism(unittest.TestCase):
 # ----------------------------------------------------------------------------- issue 5: evaluate.py, summarize.py,
 # run_week1.sh, notes.md
 
-import contextlib  # noqa: E402  (imports of this section kept with the tests that use them)
-import io  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import unittest.mock  # noqa: E402
-
-import evaluate  # noqa: E402
-import summarize  # noqa: E402
 
 try:
     import matplotlib  # noqa: F401
@@ -1162,10 +1161,6 @@ class TestNotes(unittest.TestCase):
 
 
 # ----------------------------------------------------------------------------- speed (issue 3)
-
-import copy  # noqa: E402
-import re  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 
 def cpuinfo(flags):
