@@ -44,9 +44,8 @@ import normtune
 
 WARMUP = 2                     # untimed steps per setup (oneDNN builds its kernels on the first call)
 EPOCH_IMAGES = 50_000          # CIFAR-10 training split
-METHODS = ("LoRA", "NormTune", "Hybrid", "full fine-tune")
-LR = {"LoRA": common.DEFAULT_LR["lora"], "NormTune": common.DEFAULT_LR["normtune"],
-      "Hybrid": common.DEFAULT_LR["hybrid"], "full fine-tune": 1e-4}
+METHODS = ("linear probe", "NormTune", "LoRA", "Hybrid", "full fine-tune")
+METHOD_KEY = dict(zip(METHODS, common.METHODS))  # -> linear, normtune, lora, hybrid, full
 
 
 # ----------------------------------------------------------------------------- the reference: the plain way
@@ -115,7 +114,7 @@ def plain_eval_step(model, batch, precision):
 # ----------------------------------------------------------------------------- the suite's own code
 
 def suite_model(method, img_size):
-    """The model exactly as train_lora.py / train_norm.py / train_hybrid.py build it (random init)."""
+    """The model exactly as the train_*.py scripts build it (random init)."""
     model = plain_model(img_size)
     model.requires_grad_(False)                       # as common.build_model leaves it
     if method in ("LoRA", "Hybrid"):
@@ -130,8 +129,7 @@ def suite_model(method, img_size):
 
 def suite_train_step(method, precision, batch, args):
     model = suite_model(method, args.img_size)
-    run = argparse.Namespace(lr=LR[method], weight_decay=0.01)
-    opt, sched = common.make_optimizer(model, run, total_steps=WARMUP + args.steps)
+    opt, sched = common.make_optimizer(model, common.DEFAULT_LRS[METHOD_KEY[method]], 0.01, WARMUP + args.steps)
     model.train()
     common.set_kernels(model, precision, training=True)   # as train_one_epoch does
 
@@ -152,22 +150,6 @@ def suite_eval_step(method, precision, images, args, merge=True):
 
 
 # ----------------------------------------------------------------------------- machine and FLOPs
-
-def cpu_name() -> str:
-    if sys.platform == "darwin":
-        import subprocess
-        try:
-            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
-                                  text=True, timeout=5).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            pass
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    return platform.processor() or platform.machine()
-
 
 def peak_matmul_gflops(dtype) -> float:
     """Best median FLOP/s of a square torch.mm (1024 and 2048) in `dtype`: what this CPU can do at best."""
@@ -228,7 +210,7 @@ def main():
     torch.manual_seed(0)
     native = common.cpu_has_native_bf16()
     precisions = ("fp32", "bf16") if native else ("fp32",)
-    print(f"machine: {cpu_name()}, {threads} threads (physical cores), native bf16: {'yes' if native else 'no'}")
+    print(f"machine: {common.cpu_name() or platform.machine()}, {threads} threads (physical cores), native bf16: {'yes' if native else 'no'}")
     print(f"software: torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}, "
           f"{platform.system()} {platform.machine()}")
     print(f"setting: {common.BACKBONE}, random init, {args.img_size} px, batch {args.batch_size}, "
@@ -272,7 +254,9 @@ def main():
         if t is None:
             cells += [""] * 3
         else:
-            flops = fwd * (3 if name == "full fine-tune" else 2)
+            # backward = activation gradients (1 forward's worth) + weight gradients (1 more, full only);
+            # the linear probe has no backward through the backbone at all
+            flops = fwd * {"full fine-tune": 3, "linear probe": 1}.get(name, 2)
             cells += [f"{t:.1f}", f"{t / ref_train:.2f}", f"{100 * t * flops / peak[prec]:.0f} %"]
         e = ips.get((name, prec, "eval"))
         if e is None:

@@ -28,11 +28,20 @@ import torch.nn.functional as F
 
 import lora
 
-BACKBONE = "vit_tiny_patch16_224"
-HUB_ID = "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"  # timm's default weights for BACKBONE
+# The two backbones: the same ViT-Ti/16 architecture, created through timm under their own names, so
+# the download, the input mean/std and the `backbone` column all say what was used. vit_tiny's default
+# weights are augreg (ImageNet-21k, fine-tuned on 1k; mean/std 0.5); DeiT-tiny's are ImageNet-1k only
+# (ImageNet mean/std).
+BACKBONES = {"vit_tiny_patch16_224": "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+             "deit_tiny_patch16_224": "timm/deit_tiny_patch16_224.fb_in1k"}
+BACKBONE = "vit_tiny_patch16_224"  # the default
 PATCH = 16
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RESULTS = os.path.join(HERE, "results_week1.csv")
+DEFAULT_DATA_DIR = os.path.join("~", ".torch")
+# The validation and test subsets are drawn with this seed whatever --seed is, so runs with different
+# seeds are judged on the same images: their spread is training noise, not test-sampling noise.
+DATA_SEED = 0
 CSV_COLUMNS = [
     # the nine columns other tools rely on, in this order
     "ts", "method", "dataset", "backbone", "tuned_params_%", "acc@1", "ece", "train_time_s", "epochs",
@@ -40,12 +49,33 @@ CSV_COLUMNS = [
     "time_per_epoch_s", "eval_time_s", "img_size", "train_samples", "eval_samples", "batch_size",
     "lr", "weight_decay", "seed", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
     "train_head", "precision", "threads", "weights", "torch", "calibration_file",
+    # added later, after the first 28 (older files keep working)
+    "val_samples", "val_acc@1", "val_ece", "temperature", "ece_ts", "head_lr", "norm_lr", "compile_time_s",
+    "cpu", "run_key",
 ]
-# Per-method default learning rates (AdamW, cosine schedule with linear warmup). LoRA factors
-# start at B=0 and move the function through a rank-8 product scaled by alpha/r=2, so 1e-3 is
-# the usual PEFT range; LayerNorm gains/biases are few, sit near 1/0 and only rescale features,
-# so NormTune needs a larger step (5e-3) to change the function as much in one epoch.
-DEFAULT_LR = {"lora": 1e-3, "normtune": 5e-3, "hybrid": 1e-3}
+# Learning rates, stated in one place: each method trains some of four parameter groups, each group at
+# its own peak rate (AdamW, linear warmup, then cosine to 0). --lr sets the method's main group (first
+# below), --head-lr the head's, --norm-lr Hybrid's LayerNorms. Why the values differ:
+# - head: a new, randomly initialised 192x10 layer that must be learned from scratch in one epoch: it
+#   needs a larger step than anything that starts from a good pretrained value.
+# - lora: B starts at 0 and moves the function through a rank-8 product scaled by alpha/r = 2.
+# - norm: 9,600 gains/biases near 1/0 that only rescale features need large steps to matter.
+# - backbone (full fine-tune): moving all 5.5 M pretrained weights at a PEFT rate destroys the features
+#   (catastrophic forgetting), so full fine-tuning uses a rate an order of magnitude smaller.
+# The values were chosen on a validation split with DeiT-tiny weights (notes.md, "Learning-rate sweep").
+DEFAULT_LRS = {
+    "linear":   {"head": 1e-2},
+    "normtune": {"norm": 5e-3, "head": 1e-2},
+    "lora":     {"lora": 1e-3, "head": 1e-2},
+    "hybrid":   {"lora": 1e-3, "norm": 5e-3, "head": 1e-2},
+    "full":     {"backbone": 1e-4, "head": 1e-2},
+}
+METHODS = tuple(DEFAULT_LRS)  # linear probe, NormTune, LoRA, Hybrid, full fine-tune
+
+
+def main_group(method: str) -> str:
+    """The parameter group that --lr sets: the first one of the method in DEFAULT_LRS."""
+    return next(iter(DEFAULT_LRS[method]))
 
 
 class UsageError(Exception):
@@ -88,12 +118,21 @@ def _checked(convert, ok, requirement):
 
 
 _positive_int = _checked(int, lambda v: v >= 1, "at least 1")
+_nonnegative_int = _checked(int, lambda v: v >= 0, "0 or more")
 _positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
 _nonnegative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 _seed = _checked(int, lambda v: 0 <= v < 2 ** 63, "a whole number from 0 to 2**63-1")
 _dropout = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 _img_size = _checked(int, lambda v: v >= 1 and v % PATCH == 0,
                      f"a positive multiple of the patch size {PATCH} (e.g. 32, 64, 112, 224)")
+
+
+WIDTH = 192  # ViT-Ti/16's embedding width: min(in, out) of every qkv/proj/fc1/fc2 layer
+_lora_rank = _checked(int, lambda v: 1 <= v <= WIDTH,
+                      f"from 1 to {WIDTH}: B·A cannot have a rank above min(in, out) = {WIDTH} of the targeted "
+                      f"layers, so a larger r would only add parameters")
+GROUP_NAMES = {"head": "new classifier head", "norm": "LayerNorm weights and biases",
+               "lora": "LoRA factors A and B", "backbone": "whole backbone (every pretrained parameter)"}
 
 
 def _lora_targets(text):
@@ -119,38 +158,52 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(method: str, doc: str) -> argparse.ArgumentParser:
-    uses_lora = method in ("lora", "hybrid")
+    uses_lora, groups = method in ("lora", "hybrid"), DEFAULT_LRS[method]
     p = _Parser(description=doc, formatter_class=_HelpFormatter)
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training set")
     g.add_argument("--batch-size", type=_positive_int, default=32, help="images per step")
-    g.add_argument("--lr", type=_positive_float, default=DEFAULT_LR[method], help="peak AdamW learning rate")
+    g.add_argument("--lr", type=_positive_float, default=groups[main_group(method)],
+                   help=f"peak AdamW learning rate of the {GROUP_NAMES[main_group(method)]}")
+    if "head" in groups and main_group(method) != "head":
+        g.add_argument("--head-lr", type=_positive_float, default=groups["head"],
+                       help="peak learning rate of the new classifier head")
+    if "norm" in groups and main_group(method) != "norm":
+        g.add_argument("--norm-lr", type=_positive_float, default=groups["norm"],
+                       help="peak learning rate of the LayerNorm weights and biases")
     g.add_argument("--weight-decay", type=_nonnegative_float, default=0.01,
                    help="AdamW weight decay on matrices (LoRA factors, head weight); never on norms/biases")
-    g.add_argument("--seed", type=_seed, default=0, help="seeds subsets, shuffling, augmentation and inits")
+    g.add_argument("--seed", type=_seed, default=0, help="seeds the training subset, shuffling, augmentation and inits")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto = bf16 autocast if this CPU has native bf16 (AVX512-BF16/AMX), else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (about 30 s warm-up)")
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="torch threads (default: number of physical cores)")
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default=os.path.join("~", ".torch"),
+    g.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help="CIFAR-10 root (downloads here if missing), or an ImageFolder tree with train/ and test/")
     g.add_argument("--img-size", type=_img_size, default=224,
                    help="input resolution, a multiple of 16; the position embedding is resampled by timm")
     g.add_argument("--train-samples", type=_positive_int, default=None,
-                   help="seeded class-balanced training subset (default: all 50,000)")
+                   help="seeded class-balanced training subset (default: all 50,000, less --val-samples)")
+    g.add_argument("--val-samples", type=_nonnegative_int, default=0,
+                   help="hold out this many training images (class-balanced, the same for every --seed) as a "
+                        "validation split: val metrics and a temperature for calibrated ECE (0 = off)")
     g.add_argument("--eval-samples", type=_positive_int, default=None,
-                   help="seeded class-balanced test subset (default: all 10,000)")
+                   help="class-balanced test subset, the same for every --seed (default: all 10,000)")
     g = p.add_argument_group("model")
+    g.add_argument("--backbone", choices=tuple(BACKBONES), default=BACKBONE,
+                   help="timm model name: its own pretrained weights and input mean/std")
     w = g.add_mutually_exclusive_group()
     w.add_argument("--weights", default=None, metavar="PATH",
-                   help="local vit_tiny_patch16_224 checkpoint (.safetensors/.pth/.bin) instead of downloading")
+                   help="local checkpoint of the --backbone (.safetensors/.pth/.bin) instead of downloading")
     w.add_argument("--no-pretrained", action="store_true", help="random init (numbers are NOT meaningful results)")
-    g.add_argument("--no-train-head", action="store_true", help="freeze the new classifier head too")
+    if method != "linear":  # the linear probe trains nothing but the head
+        g.add_argument("--no-train-head", action="store_true", help="freeze the new classifier head too")
     if uses_lora:
         g = p.add_argument_group("LoRA")
-        g.add_argument("--lora-r", type=_positive_int, default=8, help="rank r of B·A")
+        g.add_argument("--lora-r", type=_lora_rank, default=8,
+                       help=f"rank r of B·A, at most {WIDTH} (the smallest in/out width of the targeted layers)")
         g.add_argument("--lora-alpha", type=_positive_float, default=16.0, help="scaling = alpha / r")
         g.add_argument("--lora-dropout", type=_dropout, default=0.0, help="dropout on the LoRA input, in [0, 1)")
         g.add_argument("--lora-targets", type=_lora_targets, default=",".join(lora.VALID_TARGETS),
@@ -162,13 +215,27 @@ def build_parser(method: str, doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def group_lrs(method: str, args) -> dict:
+    """{parameter group: peak learning rate} for this run: the defaults of DEFAULT_LRS, overridden by
+    --lr (the method's main group), --head-lr and --norm-lr."""
+    lrs = dict(DEFAULT_LRS[method])
+    lrs[main_group(method)] = args.lr
+    for group in ("head", "norm"):
+        if getattr(args, f"{group}_lr", None) is not None:
+            lrs[group] = getattr(args, f"{group}_lr")
+    return lrs
+
+
 def parse_args(method: str, doc: str, argv=None) -> argparse.Namespace:
     p = build_parser(method, doc)
     args = p.parse_args(argv)
     args.method = method
-    if not hasattr(args, "lora_r"):  # NormTune: no LoRA flags, record them as empty
+    if not hasattr(args, "lora_r"):  # no LoRA flags: record them as empty
         args.lora_r = args.lora_alpha = args.lora_dropout = None
         args.lora_targets = ()
+    args.no_train_head = getattr(args, "no_train_head", False)
+    args.lrs = group_lrs(method, args)
+    args.data_dir_given = args.data_dir != DEFAULT_DATA_DIR
     args.data_dir = os.path.expanduser(args.data_dir)
     args.results = os.path.abspath(os.path.expanduser(args.results))
     try:
@@ -228,6 +295,21 @@ def cpu_has_native_bf16() -> bool:
                     flags = line.split()
                     return "avx512_bf16" in flags or "amx_bf16" in flags
     return False
+
+
+def cpu_name() -> str:
+    """The CPU's model name (for the results row: a timing is a claim about one CPU)."""
+    try:
+        if sys.platform == "darwin":
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                                  text=True, timeout=5).stdout.strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return ""
 
 
 def resolve_precision(choice: str) -> str:
@@ -317,23 +399,37 @@ def _decode_images(paths) -> torch.Tensor:
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
-def _imagefolder_split(root, n, seed, flag):
+@dataclass
+class Source:
+    """One split of the dataset, listed but not decoded: labels now, images on demand."""
+    labels: torch.Tensor  # (N,) int64
+    classes: list
+    where: str            # for messages
+    decode: object        # indices (list of int) -> (n, 3, 32, 32) uint8
+
+
+def _imagefolder_source(root) -> Source:
     from torchvision.datasets import ImageFolder
     try:
         ds = ImageFolder(root)
     except (FileNotFoundError, OSError) as e:
         raise RunError(f"{root} is not a usable ImageFolder split ({e}). It needs one folder per class "
                        f"with images inside, like ../shared/data/cifar10-jpeg/train/airplane/0001.jpg.")
-    labels = torch.tensor(ds.targets)
-    idx = _subset_or_error(labels, n, seed, root, flag)
-    return Split(_decode_images([ds.samples[i][0] for i in idx.tolist()]), labels[idx], ds.classes)
+    return Source(torch.tensor(ds.targets), ds.classes, root,
+                  lambda idx: _decode_images([ds.samples[i][0] for i in idx]))
 
 
-def _subset_or_error(labels, n, seed, where, flag):
-    if n is not None and n > len(labels):
-        raise UsageError(f"{flag} {n} is larger than the {len(labels)} images in {where}; "
-                         f"use at most {len(labels)} (or leave the flag out to use all).")
-    return balanced_subset(labels, n, seed)
+def _cifar10_source(root, train: bool) -> Source:
+    from torchvision.datasets import CIFAR10
+    try:
+        ds = CIFAR10(root, train=train, download=True)
+    except Exception as e:  # no network, unwritable folder, broken archive: all end the same way
+        raise RunError(f"CIFAR-10 is not in --data-dir {root} and downloading it failed ({type(e).__name__}: {e}). "
+                       f"Connect to the internet once (it is cached there), or pass --data-dir pointing at a "
+                       f"folder that holds cifar-10-batches-py/ or an ImageFolder tree with train/<class>/*.jpg "
+                       f"and test/<class>/*.jpg.")
+    return Source(torch.tensor(ds.targets), list(ds.classes), f"the CIFAR-10 {'train' if train else 'test'} split",
+                  lambda idx: torch.from_numpy(ds.data[np.asarray(idx, dtype=np.int64)]).permute(0, 3, 1, 2).contiguous())
 
 
 def is_imagefolder(root) -> bool:
@@ -345,47 +441,112 @@ def dataset_name(root) -> str:
     return os.path.basename(os.path.normpath(root)) if is_imagefolder(root) else "cifar10"
 
 
-def load_split(root, train: bool, n, seed) -> Split:
-    """One split, decoded once: from an ImageFolder tree if root has train/ and test/, else CIFAR-10."""
-    flag = "--train-samples" if train else "--eval-samples"
+def check_download_folder(root, given: bool):
+    """torchvision downloads CIFAR-10 into whatever folder it is handed: only let it into one that is
+    empty or already holds CIFAR-10, so a mistyped --data-dir never fills a wrong folder with 170 MB."""
+    if not os.path.exists(root):
+        if given:
+            raise UsageError(f"--data-dir {root} does not exist. Check the path; to download CIFAR-10 there, "
+                             f"create the folder first (mkdir -p {root}).")
+        return  # the default folder (~/.torch) is created on a first run
+    if not os.path.isdir(root):
+        raise UsageError(f"--data-dir {root} is a file; give the folder that holds the dataset.")
+    entries = [e for e in os.listdir(root) if not e.startswith(".")]
+    if not entries or {"cifar-10-batches-py", "cifar-10-python.tar.gz"} & set(entries):
+        return
+    subdirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+    if subdirs and len(subdirs) == len(entries) and not is_imagefolder(root):
+        raise UsageError(f"--data-dir {root} looks like one split of an ImageFolder tree (class folders "
+                         f"{', '.join(sorted(subdirs)[:3])}{' ...' if len(subdirs) > 3 else ''}). Pass its parent, the "
+                         f"folder that holds both train/ and test/: --data-dir {os.path.dirname(os.path.normpath(root))}")
+    raise UsageError(f"--data-dir {root} holds other files and neither CIFAR-10 (cifar-10-batches-py/) nor an "
+                     f"ImageFolder tree (train/ and test/). CIFAR-10 is downloaded only into an empty folder or one "
+                     f"that already holds it: pass such a folder.")
+
+
+def open_source(root, train: bool, given: bool = True) -> Source:
+    """One split, listed: from an ImageFolder tree if root has train/ and test/, else CIFAR-10."""
     if is_imagefolder(root):
-        return _imagefolder_split(os.path.join(root, "train" if train else "test"), n, seed, flag)
-    return _cifar10_split(root, train, n, seed)
+        return _imagefolder_source(os.path.join(root, "train" if train else "test"))
+    check_download_folder(root, given)
+    return _cifar10_source(root, train)
 
 
-def load_data(args):
-    """-> (train Split, test Split, dataset name)."""
+def _check_size(n, source: Source, flag):
+    if n is not None and n > len(source.labels):
+        raise UsageError(f"{flag} {n} is larger than the {len(source.labels)} images in {source.where}; "
+                         f"use at most {len(source.labels)} (or leave the flag out to use all).")
+
+
+def split_indices(labels, n_train, n_val: int, seed: int):
+    """-> (train indices, val indices) into one split's labels. The validation subset is class-balanced
+    and drawn with DATA_SEED, so it is the same for every --seed; the training subset is drawn with
+    `seed` from the images that are not in it, so the two never overlap."""
+    labels = torch.as_tensor(labels)
+    val = balanced_subset(labels, n_val, DATA_SEED) if n_val else torch.zeros(0, dtype=torch.long)
+    rest = torch.ones(len(labels), dtype=torch.bool)
+    rest[val] = False
+    rest = rest.nonzero().flatten()
+    return rest[balanced_subset(labels[rest], n_train, seed)], val
+
+
+@dataclass
+class Data:
+    train: Source
+    test: Source
+    name: str
+
+    @property
+    def classes(self):
+        return self.train.classes
+
+
+def open_data(args) -> Data:
+    """List both splits and check them (classes, subset sizes) before anything slow: decoding 60,000
+    JPEGs takes ~25 s, and a mistake should not cost that."""
     root = args.data_dir
-    t0 = time.perf_counter()
-    train = load_split(root, True, args.train_samples, args.seed)
-    test = load_split(root, False, args.eval_samples, args.seed)
+    train = open_source(root, True, args.data_dir_given)
+    test = open_source(root, False, args.data_dir_given)
     if train.classes != test.classes:
         only_train = sorted(set(train.classes) - set(test.classes))
         only_test = sorted(set(test.classes) - set(train.classes))
         raise RunError(f"the class folders of {root}/train and {root}/test differ (only in train: "
                        f"{only_train or '-'}; only in test: {only_test or '-'}). Give both splits the same "
                        f"class folders.")
-    name = dataset_name(root)
-    print(f"data: {name} from {root}: {len(train.labels)} train / {len(test.labels)} test images, "
-          f"{len(train.classes)} classes, decoded in {time.perf_counter() - t0:.1f}s")
-    return train, test, name
+    _check_size(args.eval_samples, test, "--eval-samples")
+    _check_size(args.val_samples or None, train, "--val-samples")
+    n_train = len(train.labels) - args.val_samples
+    if args.train_samples is not None and args.train_samples > n_train:
+        raise UsageError(f"--train-samples {args.train_samples} is larger than the {n_train} images of {train.where}"
+                         f"{f' left after --val-samples {args.val_samples}' if args.val_samples else ''}; "
+                         f"use at most {n_train}.")
+    if n_train < 1:
+        raise UsageError(f"--val-samples {args.val_samples} leaves no training images in {train.where}.")
+    return Data(train, test, dataset_name(root))
 
 
-def _cifar10_split(root, is_train, n, seed):
-    from torchvision.datasets import CIFAR10
-    try:
-        ds = CIFAR10(root, train=is_train, download=True)
-    except Exception as e:  # no network, unwritable folder, broken archive: all end the same way
-        raise RunError(f"CIFAR-10 is not in --data-dir {root} and downloading it failed ({type(e).__name__}: {e}). "
-                       f"Connect to the internet once (it is cached there), or pass --data-dir pointing at a "
-                       f"folder that holds cifar-10-batches-py/ or an ImageFolder tree with train/<class>/*.jpg "
-                       f"and test/<class>/*.jpg.")
-    labels = torch.tensor(ds.targets)
-    split = "train" if is_train else "test"
-    idx = _subset_or_error(labels, n, seed, f"the CIFAR-10 {split} split",
-                           "--train-samples" if is_train else "--eval-samples")
-    images = torch.from_numpy(ds.data[idx.numpy()]).permute(0, 3, 1, 2).contiguous()
-    return Split(images, labels[idx], list(ds.classes))
+def load_data(data: Data, args):
+    """Decode the subsets once: -> (train, val or None, test) Splits."""
+    t0 = time.perf_counter()
+    train_idx, val_idx = split_indices(data.train.labels, args.train_samples, args.val_samples, args.seed)
+    test_idx = balanced_subset(data.test.labels, args.eval_samples, DATA_SEED)
+
+    def split(source, idx):
+        return Split(source.decode(idx.tolist()), source.labels[idx], source.classes)
+    train, test = split(data.train, train_idx), split(data.test, test_idx)
+    val = split(data.train, val_idx) if args.val_samples else None
+    print(f"data: {data.name} from {args.data_dir}: {len(train.labels)} train / "
+          f"{len(val.labels) if val else 0} val / {len(test.labels)} test images, {len(data.classes)} classes, "
+          f"decoded in {time.perf_counter() - t0:.1f}s")
+    return train, val, test
+
+
+def load_test_split(root, n) -> Split:
+    """The test subset exactly as load_data draws it (for evaluate.py)."""
+    source = open_source(root, False)
+    _check_size(n, source, "--eval-samples")
+    idx = balanced_subset(source.labels, n, DATA_SEED)
+    return Split(source.decode(idx.tolist()), source.labels[idx], source.classes)
 
 
 def random_crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -415,30 +576,35 @@ def weights_source(args) -> str:
         return f"random-init(seed={args.seed})"
     if args.weights:
         return "file:" + os.path.abspath(os.path.expanduser(args.weights))
-    return "timm:" + HUB_ID.split("/", 1)[1]
+    return "timm:" + BACKBONES[args.backbone].split("/", 1)[1]
 
 
 def build_model(args, num_classes: int) -> nn.Module:
-    """timm ViT-Tiny with a new `num_classes` head at args.img_size, every parameter frozen."""
+    """timm ViT-Tiny (args.backbone) with a new `num_classes` head at args.img_size, every parameter frozen.
+
+    Every path (download, hub cache, --weights, --no-pretrained) draws the same random numbers: exactly
+    one timm.create_model initialises a model from torch's RNG; anything else is built under fork_rng.
+    So one --seed gives one head (and LoRA) init, however the weights arrive.
+    """
     import timm
-    kw = dict(num_classes=num_classes, img_size=args.img_size)
+    name, kw = args.backbone, dict(num_classes=num_classes, img_size=args.img_size)
     if args.no_pretrained:
         print("!" * 78 + "\nWARNING: --no-pretrained: random-init backbone. Accuracy and ECE from this run "
               "are NOT\nfine-tuning results; the row records weights=random-init.\n" + "!" * 78)
-        model = timm.create_model(BACKBONE, pretrained=False, **kw)
+        model = timm.create_model(name, pretrained=False, **kw)
     elif args.weights:
-        model = _create_from_file(os.path.abspath(os.path.expanduser(args.weights)), kw)
-    elif cached := _cached_hub_file():  # downloaded before: no network round-trip (and no wait offline)
-        model = _create_from_file(cached, kw)
+        model = _create_from_file(name, os.path.abspath(os.path.expanduser(args.weights)), kw)
+    elif cached := _cached_hub_file(BACKBONES[name]):  # downloaded before: no network round-trip
+        model = _create_from_file(name, cached, kw)
     else:
-        print(f"model: downloading the pretrained weights from the Hugging Face hub ({HUB_ID}, 22 MB, once)")
+        print(f"model: downloading the pretrained weights from the Hugging Face hub ({BACKBONES[name]}, 22 MB, once)")
         hub_log = logging.getLogger("huggingface_hub")
         level = hub_log.level
         hub_log.setLevel(logging.ERROR)  # offline, the hub retries for ~45 s with a warning per try
         try:
-            model = timm.create_model(BACKBONE, pretrained=True, **kw)
+            model = timm.create_model(name, pretrained=True, **kw)
         except Exception as e:  # offline, proxy, hub outage: any failure to fetch ends here
-            raise RunError(f"could not download the pretrained {BACKBONE} weights ({type(e).__name__}: "
+            raise RunError(f"could not download the pretrained {name} weights ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}). Run once with internet access (they "
                            f"are cached), or pass --weights PATH to a local checkpoint (train_*.py also take "
                            f"--no-pretrained for a random-init smoke test).")
@@ -446,39 +612,46 @@ def build_model(args, num_classes: int) -> nn.Module:
             hub_log.setLevel(level)
     for p in model.parameters():
         p.requires_grad_(False)
-    print(f"model: {BACKBONE}, {num_classes} classes, {args.img_size}px, weights {weights_source(args)}")
+    cfg = model.pretrained_cfg
+    print(f"model: {name}, {num_classes} classes, {args.img_size}px, weights {weights_source(args)}, input "
+          f"normalised with mean {tuple(round(v, 3) for v in cfg['mean'])} std {tuple(round(v, 3) for v in cfg['std'])}")
     return model
 
 
-def _cached_hub_file():
+def _cached_hub_file(hub_id):
     """Path of the default weights in the Hugging Face cache, or None if they were never downloaded."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
     for name in ("model.safetensors", "pytorch_model.bin"):  # what timm downloads, in its order
-        path = try_to_load_from_cache(HUB_ID, name)
+        path = try_to_load_from_cache(hub_id, name)
         if isinstance(path, str) and os.path.isfile(path):
             return path
     return None
 
 
-def _create_from_file(path, kw):
+def _create_from_file(name, path, kw):
     """Load a local checkpoint through timm's own pretrained path, so that the 1000-class head is
     dropped and the position embedding resampled exactly as for a download; then check its keys."""
     import timm
     from timm.models import load_state_dict
     from timm.models.vision_transformer import checkpoint_filter_fn
     if not os.path.isfile(path):
-        raise RunError(f"--weights {path}: no such file. Give the path of a {BACKBONE} checkpoint "
+        raise RunError(f"--weights {path}: no such file. Give the path of a {name} checkpoint "
                        f"(.safetensors, .pth or .bin), or leave --weights out to download it.")
+    other = [b for b in BACKBONES if b != name and b.split("_")[0] in os.path.basename(path).lower()]
+    if other:
+        print(f"warning: --weights {os.path.basename(path)} looks like {other[0]} weights, but --backbone is {name}: "
+              f"the input is normalised with {name}'s mean/std. Pass --backbone {other[0]} if that is what it holds.")
     try:
         state = load_state_dict(path)
     except Exception as e:
         why = str(e).split(". ")[0].splitlines()[0][:160] if str(e) else ""  # torch's own advice does not apply
         raise RunError(f"--weights {path} could not be read as a checkpoint ({type(e).__name__}: {why}). "
                        f"Re-download it, or re-export it as .safetensors/.pth/.bin.")
-    plain = timm.create_model(BACKBONE, pretrained=False, **kw)
+    with torch.random.fork_rng(devices=[]):  # a model only for its key names: must not consume the seed's stream
+        plain = timm.create_model(name, pretrained=False, **kw)
     expected = {k for k in plain.state_dict() if not k.startswith("head.")}
     try:
         got = set(checkpoint_filter_fn(state, plain))
@@ -487,17 +660,17 @@ def _create_from_file(path, kw):
     got = {k for k in got if not k.startswith("head.")}
     if expected - got or got - expected:
         missing, extra = sorted(expected - got), sorted(got - expected)
-        raise RunError(f"--weights {path} does not fit {BACKBONE}: {len(missing)} missing keys "
+        raise RunError(f"--weights {path} does not fit {name}: {len(missing)} missing keys "
                        f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}), {len(extra)} unexpected keys "
-                       f"({', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}). Use a {BACKBONE} checkpoint.")
+                       f"({', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}). Use a {name} checkpoint.")
     # custom_load=False: a state_dict file, not the registry's original .npz (older timm kept that flag)
     overlay = dict(file=path, custom_load=False)
     try:
-        return timm.create_model(BACKBONE, pretrained=True, pretrained_cfg_overlay=overlay, **kw)
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kw)
     except RuntimeError as e:  # e.g. size mismatch: a ViT of another width
         lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
-        raise RunError(f"--weights {path} does not fit {BACKBONE}: {'; '.join(lines[:3]) or e}. "
-                       f"Use a {BACKBONE} checkpoint.")
+        raise RunError(f"--weights {path} does not fit {name}: {'; '.join(lines[:3]) or e}. "
+                       f"Use a {name} checkpoint.")
 
 
 def set_head_trainable(model: nn.Module, on: bool):
@@ -529,13 +702,35 @@ def format_breakdown(b: dict) -> str:
 
 # ----------------------------------------------------------------------------- train / evaluate
 
-def make_optimizer(model, args, total_steps):
-    """AdamW over the trainable parameters; decay only matrices (LoRA A/B, head weight), not
-    LayerNorm gains/biases, which decay would pull towards 0. Linear warmup, then cosine to 0."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=args.weight_decay),
-              dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
-    opt = torch.optim.AdamW(groups, lr=args.lr)
+def param_group(name: str, module_of: dict) -> str:
+    """Which learning-rate group a trainable parameter belongs to: lora, norm, head or backbone."""
+    if name.endswith((".lora_A", ".lora_B")):
+        return "lora"
+    if name.startswith("head."):
+        return "head"
+    if isinstance(module_of[name.rpartition(".")[0]], nn.LayerNorm):
+        return "norm"
+    return "backbone"
+
+
+def make_optimizer(model, lrs: dict, weight_decay: float, total_steps: int):
+    """AdamW with one parameter group per (kind, decay): each kind at its own peak rate from `lrs`
+    (see DEFAULT_LRS). Decay only matrices (LoRA A/B, head weight, backbone weights), not LayerNorm
+    gains or biases, which decay would pull towards 0. Linear warmup, then cosine to 0, for every group.
+    In a full fine-tune the LayerNorms are part of the backbone and train at its rate."""
+    modules = dict(model.named_modules())
+    kinds = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            kind = param_group(name, modules)
+            kind = "backbone" if kind == "norm" and "norm" not in lrs else kind
+            kinds.setdefault((kind, p.ndim >= 2), []).append(p)
+    unknown = sorted({kind for kind, _ in kinds} - set(lrs))
+    if unknown:
+        raise ValueError(f"trainable parameters of kind {unknown} have no learning rate in {lrs}")
+    groups = [dict(params=ps, lr=lrs[kind], weight_decay=weight_decay if decay else 0.0, name=kind)
+              for (kind, decay), ps in kinds.items()]
+    opt = torch.optim.AdamW(groups)
     warmup = max(1, total_steps // 20)  # 5 % of the run
 
     def lr_factor(step):
@@ -590,15 +785,14 @@ def train_one_epoch(model, opt, sched, data: Split, args, epoch: int, g: torch.G
 
 @torch.inference_mode()
 def predict(model, data: Split, args, mean, std) -> np.ndarray:
-    """Softmax probabilities (N, C) in fp32, batch by batch; the caller merges LoRA first."""
+    """Logits (N, C) in fp32, batch by batch; the caller merges LoRA first."""
     model.eval()
     set_kernels(model, args.precision, training=False)
     out = []
     for start in range(0, len(data.labels), args.batch_size):
         x = to_model_input(data.images[start:start + args.batch_size], args.img_size, mean, std)
         with autocast(args.precision):
-            logits = model(x)
-        out.append(torch.softmax(logits.float(), dim=-1))
+            out.append(model(x).float())
     return torch.cat(out).numpy()
 
 
@@ -608,6 +802,44 @@ def format_duration(s: float) -> str:
 
 
 # ----------------------------------------------------------------------------- metrics (pure numpy)
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of logits / T, in float64 (stable: the row max is subtracted first)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the labels under softmax(logits / T)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    m = z.max(axis=1, keepdims=True)
+    logsumexp = m[:, 0] + np.log(np.exp(z - m).sum(axis=1))
+    return float(np.mean(logsumexp - z[np.arange(len(z)), np.asarray(labels)]))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T > 0 that minimises the NLL of softmax(logits / T) (Guo et al., 2017).
+
+    With b = 1/T the NLL is a log-sum-exp of functions linear in b, so it is convex in b and its
+    derivative  mean_i( E_softmax(b z_i)[z_i] - z_i,y )  increases with b: bisection on the sign of the
+    derivative (in log b) finds the minimum. Dividing by T > 0 never changes an argmax.
+    """
+    z, y = np.asarray(logits, dtype=np.float64), np.asarray(labels)
+    z_y = z[np.arange(len(z)), y]
+
+    def slope(b):
+        return float(np.mean((softmax(z * b) * z).sum(axis=1) - z_y))
+    lo, hi = math.log(1e-3), math.log(1e3)  # T from 1/1000 to 1000
+    if slope(math.exp(hi)) <= 0:
+        return math.exp(-hi)
+    if slope(math.exp(lo)) >= 0:
+        return math.exp(-lo)
+    for _ in range(60):  # the interval shrinks 2^60-fold: far below float rounding of T
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if slope(math.exp(mid)) < 0 else (lo, mid)
+    return math.exp(-0.5 * (lo + hi))
+
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy in percent."""
@@ -746,14 +978,16 @@ def file_sha256(path) -> str:
 
 # ----------------------------------------------------------------------------- the whole run
 
-def fit_and_report(model, train: Split, test: Split, dataset: str, args):
-    """Train for args.epochs, evaluate with LoRA merged, print metrics, append the results row."""
+def fit_and_report(model, data: Data, args):
+    """Decode the data, train for args.epochs, evaluate with LoRA merged (test, and validation if any:
+    a temperature fitted there gives a calibrated test ECE), print the metrics, append the results row."""
     breakdown = param_breakdown(model)
-    print(format_breakdown(breakdown))
+    print(format_breakdown(breakdown) + "  |  lr " + ", ".join(f"{k} {v:g}" for k, v in args.lrs.items()))
+    train, val, test = load_data(data, args)
     mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
     net = torch.compile(model) if args.compile else model
     steps_per_epoch = math.ceil(len(train.labels) / args.batch_size)
-    opt, sched = make_optimizer(model, args, args.epochs * steps_per_epoch)
+    opt, sched = make_optimizer(model, args.lrs, args.weight_decay, args.epochs * steps_per_epoch)
     g = torch.Generator().manual_seed(args.seed)
     epoch_times = []
     for epoch in range(1, args.epochs + 1):
@@ -765,18 +999,32 @@ def fit_and_report(model, train: Split, test: Split, dataset: str, args):
 
     t0 = time.perf_counter()
     lora.merge_lora(model)  # one matmul per layer instead of three: evaluation at backbone speed
-    probs = predict(model, test, args, mean, std)  # eager: merged weights would make --compile recompile
+    logits = predict(model, test, args, mean, std)  # eager: merged weights would make --compile recompile
+    val_logits = predict(model, val, args, mean, std) if val else None
     lora.unmerge_lora(model)
     eval_time = time.perf_counter() - t0
     labels = test.labels.numpy()
+    probs = softmax(logits)
     acc, ece = accuracy(probs, labels), 100.0 * expected_calibration_error(probs, labels)
     print(f"acc@1 {acc:.2f} %  ece {ece:.2f} %  ({len(labels)} test images, {eval_time:.1f}s)")
     if not (math.isfinite(acc) and math.isfinite(ece)):
         raise RunError("the metrics are not finite; no row was written. Try a lower --lr.")
+    extra = dict.fromkeys(("val_acc@1", "val_ece", "temperature", "ece_ts"), "")
+    if val:
+        # Calibrate on validation only: the test set is never used to fit anything.
+        val_labels = val.labels.numpy()
+        val_probs, t = softmax(val_logits), fit_temperature(val_logits, val_labels)
+        extra = {"val_acc@1": f"{accuracy(val_probs, val_labels):.2f}",
+                 "val_ece": f"{100 * expected_calibration_error(val_probs, val_labels):.2f}",
+                 "temperature": f"{t:.4f}",
+                 "ece_ts": f"{100 * expected_calibration_error(softmax(logits, t), labels):.2f}"}
+        print(f"validation: acc@1 {extra['val_acc@1']} %  ece {extra['val_ece']} %  ({len(val_labels)} images); "
+              f"temperature {t:.3f} fitted there -> test ece {extra['ece_ts']} % (acc@1 unchanged)")
 
     ts = datetime.datetime.now().isoformat(timespec="seconds")
+    lrs = args.lrs
     row = {
-        "ts": ts, "method": args.method, "dataset": dataset, "backbone": BACKBONE,
+        "ts": ts, "method": args.method, "dataset": data.name, "backbone": args.backbone,
         "tuned_params_%": f"{breakdown['pct']:.4f}", "acc@1": f"{acc:.2f}", "ece": f"{ece:.2f}",
         "train_time_s": f"{sum(epoch_times):.1f}", "epochs": args.epochs,
         "time_per_epoch_s": f"{np.mean(epoch_times):.1f}", "eval_time_s": f"{eval_time:.1f}",
@@ -788,6 +1036,10 @@ def fit_and_report(model, train: Split, test: Split, dataset: str, args):
         "precision": args.precision, "threads": args.threads, "weights": weights_source(args),
         "torch": torch.__version__.split("+")[0],
         "calibration_file": write_calibration(args.results, ts, args.method, probs, labels, ece),
+        "val_samples": args.val_samples, **extra,
+        "head_lr": f"{lrs['head']:g}" if "head" in lrs else "", "norm_lr": f"{lrs['norm']:g}" if "norm" in lrs else "",
+        "compile_time_s": f"{getattr(args, 'compile_time_s', 0.0):.1f}" if args.compile else "",
+        "cpu": cpu_name(), "run_key": "",
     }
     try:
         append_result(args.results, row)
@@ -797,10 +1049,11 @@ def fit_and_report(model, train: Split, test: Split, dataset: str, args):
     print(f"results: appended {args.method} row to {args.results}")
     if args.save_adapter:  # after the row: a full disk here must not cost the run's numbers
         try:
-            save_adapter(args.save_adapter, model, args, dict(ts=ts, dataset=dataset, classes=train.classes,
+            save_adapter(args.save_adapter, model, args, dict(ts=ts, dataset=data.name, classes=train.classes,
                                                               acc=acc, ece=ece))
         except (OSError, RuntimeError) as e:
             raise RunError(f"the row was written, but the adapter could not be saved to {args.save_adapter} "
                            f"({type(e).__name__}: {e}). Free some space or pick another --save-adapter path.")
-        print(f"adapter: {args.save_adapter} ({os.path.getsize(args.save_adapter) / 1e6:.2f} MB)")
+        print(f"adapter: {args.save_adapter} ({os.path.getsize(args.save_adapter) / 1e6:.2f} MB)"
+              + (": the whole model (a full fine-tune trains every parameter)" if args.method == "full" else ""))
     return row

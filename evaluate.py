@@ -3,7 +3,7 @@ train_*.py --save-adapter run wrote, evaluates it on the same seeded test subset
 `acc@1 .. %  ece .. %` exactly as the training scripts do, then whether it reproduces the training run.
 
 An adapter holds only what was trained (LoRA factors, LayerNorm weights/biases, the new head) and the
-run's settings. The frozen backbone is rebuilt from those settings:
+run's settings; for a full fine-tune (train_full.py) that is the whole model. The frozen backbone is rebuilt from those settings:
   --no-pretrained runs  seed with the recorded --seed, create the random-init model, then apply the
                         method (LoRA draws its init from the same RNG): the very backbone training saw;
   --weights runs        load the recorded file again (or --weights PATH if it moved);
@@ -24,7 +24,7 @@ import common
 import lora
 import normtune
 
-METHODS = ("lora", "normtune", "hybrid")
+METHODS = common.METHODS
 
 
 def apply_method(model, method, lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets=lora.VALID_TARGETS,
@@ -32,6 +32,8 @@ def apply_method(model, method, lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lor
     """Do to a frozen backbone what train_<method>.py does, in the same order, and return it."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if method == "full":
+        model.requires_grad_(True)
     if method in ("lora", "hybrid"):
         lora.apply_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout or 0.0, targets=tuple(lora_targets))
     if method in ("normtune", "hybrid"):
@@ -99,6 +101,7 @@ def run_settings(adapter: dict, args) -> argparse.Namespace:
     """The training run's settings, with this command's overrides applied and checked."""
     s = argparse.Namespace(**adapter["settings"])
     s.lora_targets = tuple(s.lora_targets or ())
+    s.backbone = getattr(s, "backbone", common.BACKBONE)  # adapters from before --backbone existed
     if args.weights is not None:
         if s.no_pretrained:
             raise common.UsageError(
@@ -142,10 +145,10 @@ def rebuild_model(adapter: dict, s: argparse.Namespace):
 
 
 def load_test_split(s):
-    """The test split exactly as common.load_data builds it (same subset for the same --eval-samples, seed)."""
+    """The test split exactly as common.load_data builds it (same subset for the same --eval-samples)."""
     root = s.data_dir
     t0 = time.perf_counter()
-    test = common.load_split(root, False, s.eval_samples, s.seed)
+    test = common.load_test_split(root, s.eval_samples)
     name = common.dataset_name(root)
     print(f"data: {name} from {root}: {len(test.labels)} test images, decoded in {time.perf_counter() - t0:.1f}s")
     return test, name
@@ -174,7 +177,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     if s.merge:
         lora.merge_lora(model)  # fold B·A·alpha/r into base.weight: one nn.Linear per layer
-    probs = common.predict(model, test, s, mean, std)  # inference_mode, eval(), batch by batch
+    probs = common.softmax(common.predict(model, test, s, mean, std))  # inference_mode, eval(), batch by batch
     eval_time = time.perf_counter() - t0
     labels = test.labels.numpy()
     acc, ece = common.accuracy(probs, labels), 100.0 * common.expected_calibration_error(probs, labels)

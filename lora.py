@@ -18,8 +18,10 @@ VALID_TARGETS = ("qkv", "proj", "fc1", "fc2")  # the nn.Linear layers of a timm 
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0):
         super().__init__()
-        if r < 1:
-            raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+        if not 1 <= r <= min(base.in_features, base.out_features):
+            # B·A has rank <= min(in, out) whatever r is: a larger r only adds parameters.
+            raise ValueError(f"LoRA rank r must be from 1 to min(in, out) = "
+                             f"{min(base.in_features, base.out_features)} for this layer, got {r}")
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
@@ -66,13 +68,18 @@ class LoRALinear(nn.Module):
 
 
 def parse_targets(text: str) -> tuple:
-    """'qkv,proj' -> ('qkv', 'proj'); unknown names raise ValueError listing the valid ones."""
-    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    """'proj,qkv' -> ('qkv', 'proj'): in the block's order, so one set of layers has one spelling
+    (and one summary group). Unknown or repeated names raise ValueError listing the valid ones."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in names if t not in VALID_TARGETS]
     if bad or not names:
         raise ValueError(f"unknown LoRA target(s) {', '.join(bad) or '(none given)'}; "
                          f"valid targets are {','.join(VALID_TARGETS)} (comma-separated)")
-    return names
+    repeated = sorted({t for t in names if names.count(t) > 1})
+    if repeated:
+        raise ValueError(f"LoRA target(s) {', '.join(repeated)} given more than once; name each layer once, "
+                         f"e.g. {','.join(VALID_TARGETS)}")
+    return tuple(t for t in VALID_TARGETS if t in names)
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,

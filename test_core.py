@@ -38,7 +38,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REAL_DATA = os.environ.get("CIFAR10_JPEG_DIR", os.path.join(HERE, "..", "shared", "data", "cifar10-jpeg"))
 needs_real_data = unittest.skipUnless(os.path.isdir(os.path.join(REAL_DATA, "train")),
                                       f"real CIFAR-10 JPEG folder not found at {REAL_DATA}")
-SCRIPTS = {"lora": "train_lora.py", "normtune": "train_norm.py", "hybrid": "train_hybrid.py"}
+SCRIPTS = {"linear": "train_linear.py", "normtune": "train_norm.py", "lora": "train_lora.py",
+           "hybrid": "train_hybrid.py", "full": "train_full.py"}
+ALL_GROUPS_LR = {"lora": 1e-3, "norm": 1e-3, "head": 1e-3, "backbone": 1e-3}  # make_optimizer's lrs, one rate
 
 
 def vit(img_size=32, num_classes=10):
@@ -50,6 +52,8 @@ def vit(img_size=32, num_classes=10):
 
 
 def apply_method(model, method, train_head=True):
+    if method == "full":
+        model.requires_grad_(True)
     if method in ("lora", "hybrid"):
         lora.apply_lora(model)
     if method in ("normtune", "hybrid"):
@@ -429,7 +433,7 @@ class TestResultsCSV(unittest.TestCase):
 # ----------------------------------------------------------------------------- weights
 
 def model_args(**kw):
-    base = dict(no_pretrained=False, weights=None, img_size=224, seed=0)
+    base = dict(no_pretrained=False, weights=None, img_size=224, seed=0, backbone=common.BACKBONE)
     base.update(kw)
     return types.SimpleNamespace(**base)
 
@@ -467,7 +471,7 @@ class TestLocalWeights(unittest.TestCase):
     def test_default_weights_come_from_the_hub_cache_offline(self):
         """A user who downloaded once can train offline: the cached file goes through timm's loader."""
         root = make_imagefolder(os.path.join(self.tmp.name, "d"))
-        snap = os.path.join(self.tmp.name, "hf", "hub", "models--" + common.HUB_ID.replace("/", "--"))
+        snap = os.path.join(self.tmp.name, "hf", "hub", "models--" + common.BACKBONES[common.BACKBONE].replace("/", "--"))
         os.makedirs(os.path.join(snap, "snapshots", "abc123"))
         os.makedirs(os.path.join(snap, "refs"))
         with open(os.path.join(snap, "refs", "main"), "w") as f:
@@ -563,6 +567,12 @@ class TestEndToEnd(unittest.TestCase):
 
     def test_hybrid(self):
         self.check_run("hybrid")
+
+    def test_linear_probe(self):
+        self.check_run("linear")
+
+    def test_full_fine_tune(self):
+        self.check_run("full")
 
 
 # ----------------------------------------------------------------------------- bad input (issue 4)
@@ -712,7 +722,7 @@ class TestDivergence(unittest.TestCase):
             model.head.bias[0] = float("nan")
         data = common.Split(torch.zeros(8, 3, 32, 32, dtype=torch.uint8), torch.zeros(8, dtype=torch.long), ["a"])
         args = types.SimpleNamespace(batch_size=4, img_size=32, precision="fp32", lr=1e-3, weight_decay=0.0)
-        opt, sched = common.make_optimizer(model, args, 2)
+        opt, sched = common.make_optimizer(model, ALL_GROUPS_LR, 0.0, 2)
         with self.assertRaises(common.RunError) as cm:
             common.train_one_epoch(model, opt, sched, data, args, 3, torch.Generator(), (0.5,) * 3, (0.5,) * 3)
         self.assertIn("epoch 3, step 1/2", str(cm.exception))
@@ -764,7 +774,7 @@ class TestDeterminism(unittest.TestCase):
         data = common.Split(torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=gen),
                             torch.arange(24) % 10, list("abcdefghij"))
         args = types.SimpleNamespace(batch_size=8, img_size=32, precision="fp32", lr=1e-3, weight_decay=0.01)
-        opt, sched = common.make_optimizer(model, args, 6)
+        opt, sched = common.make_optimizer(model, ALL_GROUPS_LR, 0.01, 6)
         g = torch.Generator().manual_seed(seed)
         return [common.train_one_epoch(model, opt, sched, data, args, e, g, (0.5,) * 3, (0.5,) * 3)
                 for e in (1, 2)]
@@ -1261,11 +1271,11 @@ class TestFastKernels(unittest.TestCase):
         """train_step after set_kernels(fp32) == the unrefactored loop body, to the last bit."""
         x = torch.randn(4, 3, 32, 32)
         y = torch.tensor([0, 1, 2, 3])
-        args = types.SimpleNamespace(lr=1e-3, weight_decay=0.01)
         a, b = lora_hybrid(), lora_hybrid()
         a.train(), b.train()
         common.set_kernels(a, "fp32", training=True)
-        (opt_a, sched_a), (opt_b, sched_b) = common.make_optimizer(a, args, 3), common.make_optimizer(b, args, 3)
+        (opt_a, sched_a), (opt_b, sched_b) = (common.make_optimizer(a, ALL_GROUPS_LR, 0.01, 3),
+                                              common.make_optimizer(b, ALL_GROUPS_LR, 0.01, 3))
         for _ in range(2):
             common.train_step(a, opt_a, sched_a, x, y, "fp32")
             loss = F.cross_entropy(b(x), y)
@@ -1331,7 +1341,7 @@ class TestFastKernels(unittest.TestCase):
 
     def test_train_step_skips_the_update_on_a_non_finite_loss(self):
         model = lora_hybrid().train()
-        opt, sched = common.make_optimizer(model, types.SimpleNamespace(lr=1e-3, weight_decay=0.01), 3)
+        opt, sched = common.make_optimizer(model, ALL_GROUPS_LR, 0.01, 3)
         before = copy.deepcopy(model.state_dict())
         loss = common.train_step(model, opt, sched, torch.full((2, 3, 32, 32), float("nan")),
                                  torch.tensor([0, 1]), "fp32")
@@ -1363,11 +1373,12 @@ class TestMergedEvaluation(unittest.TestCase):
                             torch.zeros(12, dtype=torch.long), list(range(10)))
         for precision, tol in (("fp32", 1e-5), ("bf16", 1e-2)):  # ~1e-7 and ~1e-3 seen
             args = types.SimpleNamespace(batch_size=5, img_size=32, precision=precision)
-            unmerged = common.predict(model, data, args, (0.5,) * 3, (0.5,) * 3)
+            unmerged = common.softmax(common.predict(model, data, args, (0.5,) * 3, (0.5,) * 3))
             lora.merge_lora(model)
-            merged = common.predict(model, data, args, (0.5,) * 3, (0.5,) * 3)
+            logits = common.predict(model, data, args, (0.5,) * 3, (0.5,) * 3)
             lora.unmerge_lora(model)
-            self.assertEqual(merged.dtype, np.float32)
+            self.assertEqual(logits.dtype, np.float32)
+            merged = common.softmax(logits)
             np.testing.assert_allclose(merged, unmerged, atol=tol, err_msg=precision)
             np.testing.assert_allclose(merged.sum(axis=1), 1.0, atol=1e-5)
 
