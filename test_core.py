@@ -1009,19 +1009,22 @@ class TestSummarize(unittest.TestCase):
             results_row(weights="random-init(seed=1)", seed="1", **{"acc@1": "12.00"})]
 
     def table_rows(self, text):
-        return [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| method")]
+        """The summary table's rows (the first table; the paired comparison comes later)."""
+        after_header = text.split("\n| method | settings |", 1)[1].split("\n\n", 1)[0]
+        return after_header.splitlines()[2:]  # skip the rest of the header line and the |---| line
 
     def test_groups_mean_and_sample_std(self):
         groups = summarize.summarize(summarize.read_results(self._csv(self.ROWS)))
         self.assertEqual(len(groups), 4)
-        lora224 = groups[0]
+        self.assertEqual(groups[0]["method"], "normtune")  # same experiment: NormTune before LoRA
+        self.assertIsNone(groups[0]["acc"][1])
+        lora224 = groups[1]
         self.assertEqual((lora224["method"], lora224["runs"]), ("lora", 3))
         self.assertAlmostEqual(lora224["acc"][0], 82.0)
         self.assertAlmostEqual(lora224["acc"][1], 2.0)  # ddof=1; the population std would be 1.633
         self.assertAlmostEqual(lora224["ece"][1], 1.0)
         self.assertAlmostEqual(lora224["epoch_s"], 100.0)
-        self.assertEqual(groups[1]["method"], "normtune")  # same experiment: LoRA, NormTune, Hybrid order
-        self.assertIsNone(groups[1]["acc"][1])
+        self.assertIsNone(lora224["val_acc"])  # blank optional columns are read as "not there"
         random_init = [g for g in groups if g["random_init"]]
         self.assertEqual(len(random_init), 1)  # the backbone seed is the run's seed, not a setting
         self.assertEqual(random_init[0]["runs"], 2)
@@ -1038,10 +1041,12 @@ class TestSummarize(unittest.TestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr)
         rows = self.table_rows(proc.stdout)
         self.assertEqual(len(rows), 4, proc.stdout)
-        self.assertTrue(rows[0].startswith("| LoRA | "), rows[0])
-        self.assertIn("img=224", rows[0])
-        self.assertIn("| 3 | 5.0993 | 82.00 ± 2.00 | 3.00 ± 1.00 | 1:40 |", rows[0])
-        self.assertIn("| 1 | 0.2086 | 70.00 ± – | 5.00 ± – |", rows[1])
+        self.assertTrue(rows[1].startswith("| LoRA | "), rows[1])
+        self.assertIn("img=224", rows[1])
+        self.assertIn("| 3 | 5.0993 | 82.00 ± 2.00 | 3.00 ± 1.00 | 1:40 |", rows[1])
+        self.assertTrue(rows[0].startswith("| NormTune | "), rows[0])
+        self.assertIn("| 1 | 0.2086 | 70.00 ± – | 5.00 ± – |", rows[0])
+        self.assertNotIn("val acc@1", proc.stdout)  # no run has validation numbers: no such column
         self.assertIn("img=112", rows[2])
         self.assertIn("| 60.00 ± – |", rows[2])
         self.assertIn("LoRA (random-init)", rows[3])
