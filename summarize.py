@@ -22,7 +22,7 @@ what it prints:
                    the 95 % confidence interval of the mean difference (Student t) and a verdict: better,
                    worse, or not distinguishable from seed noise. For ECE lower is better.
 
-options:
+flags in detail:
   --reference METHOD  the method the others are compared with (default lora; one of linear, normtune,
                    lora, hybrid, full). If one setting has several reference groups (an lr sweep), the one
                    best on validation is used when validation numbers exist, else each, labelled.
@@ -141,9 +141,9 @@ def duplicates_line(dropped) -> str:
     """One line naming each repeated run, the lines dropped and the line kept; "" without duplicates."""
     if not dropped:
         return ""
-    by_kept = {}
+    by_kept = {}  # the kept row's line -> (kept row, [lines dropped in its favour])
     for row, newest in dropped:
-        by_kept.setdefault(id(newest), (newest, []))[1].append(row["_line"])
+        by_kept.setdefault(newest["_line"], (newest, []))[1].append(row["_line"])
     parts = [f"{METHOD_LABEL.get(r['method'], r['method'])} lr={r['lr']} seed {r['seed']}: kept line {r['_line']}, "
              f"dropped line(s) {', '.join(map(str, lines))}" for r, lines in by_kept.values()]
     return (f"duplicates: {len(dropped)} row(s) repeat the method, settings and seed of a later row and are not "
@@ -326,8 +326,9 @@ def best_lr_table(groups) -> str:
         for g in sweep:
             s = g["settings"]
             val_ece = "–" if g["val_ece"] is None else fmt_mean_std(g["val_ece"])
-            lines.append(f"| {describe(g, groups, exclude=LR_COLUMNS)} | {s['lr'] or '–'} | {s['head_lr'] or '–'} | "
-                         f"{s['norm_lr'] or '–'} | {fmt_mean_std(g['val_acc'])} | {val_ece} | {g['val_n']} | "
+            lrs = " | ".join(s[c] or "–" for c in LR_COLUMNS)
+            lines.append(f"| {describe(g, groups, exclude=LR_COLUMNS)} | {lrs} | {fmt_mean_std(g['val_acc'])} | "
+                         f"{val_ece} | {g['val_n']} | "
                          f"{'**best**' if g is best else ''} |")
     return "\n".join(lines)
 
@@ -434,7 +435,8 @@ def reference_groups(exp_groups, reference) -> tuple:
         return refs, ""
     with_val = [g for g in refs if g["val_acc"] is not None]
     if with_val:
-        return [best_on_validation(with_val)], f"best val acc@1 of the {len(refs)} {METHOD_LABEL.get(reference, reference)} groups"
+        label = METHOD_LABEL.get(reference, reference)
+        return [best_on_validation(with_val)], f"best val acc@1 of the {len(refs)} {label} groups"
     return refs, "no validation numbers to choose one, so each is compared"
 
 
@@ -654,13 +656,13 @@ MARKERS = {"linear": "v", "normtune": "s", "lora": "o", "hybrid": "^", "full": "
 
 def plot_acc_vs_params(plt, groups, path) -> str:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    experiments = sorted({g["order"][0] for g in groups})
+    exp_ids = sorted({g["order"][0] for g in groups})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     seen = set()
     for g in groups:
-        k = experiments.index(g["order"][0])
+        k = exp_ids.index(g["order"][0])
         label = METHOD_LABEL.get(g["method"], g["method"])
-        if len(experiments) > 1:
+        if len(exp_ids) > 1:
             label += f" (setting {k + 1})"
         m, s = g["acc"]
         ax.errorbar(g["tuned_pct"], m, yerr=0 if s is None else s, marker=MARKERS.get(g["method"], "D"),
@@ -689,7 +691,7 @@ def plot_acc_vs_params(plt, groups, path) -> str:
     if notes:
         fig.text(0.01, 0.01, "\n".join(notes), fontsize=7, va="bottom")
         fig.subplots_adjust(bottom=0.12 + 0.035 * len(notes))
-    fig.tight_layout(rect=(0, 0.03 * len(experiments) if len(experiments) > 1 else 0, 1, 1))
+    fig.tight_layout(rect=(0, 0.03 * len(exp_ids) if len(exp_ids) > 1 else 0, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -763,7 +765,8 @@ def param_table(img_size=224, num_classes=10) -> str:
              "|---|--:|--:|--:|--:|--:|--:|"]
     for method, b in param_rows(img_size, num_classes):
         if method == "full":  # everything trains: a breakdown by kind would not add anything
-            lines.append(f"| {METHOD_LABEL[method]} | – | – | – | {b['trainable']:,} | {b['total']:,} | {b['pct']:.4f} |")
+            lines.append(f"| {METHOD_LABEL[method]} | – | – | – | {b['trainable']:,} | {b['total']:,} "
+                         f"| {b['pct']:.4f} |")
         else:
             lines.append(f"| {METHOD_LABEL[method]} | {b['lora']:,} | {b['norm']:,} | {b['head']:,} | "
                          f"{b['trainable']:,} | {b['total']:,} | {b['pct']:.4f} |")
@@ -804,44 +807,58 @@ def check_reference_present(name, rows, path):
                          f"{', '.join(present) or 'none yet'}.")
 
 
+def check_flags(args):
+    """Every flag problem before any output; returns the notes file's text (None without --write-notes)."""
+    if args.reference is not None:
+        check_reference_name(args.reference)
+    if args.plots:
+        check_plots_dir(args.plots)
+    if not args.write_notes:
+        return None
+    text = read_notes(args.write_notes)
+    split_notes(text, args.write_notes)  # missing or repeated markers: stop now
+    return text
+
+
+def print_summary(path, rows, dropped, reference):
+    if not rows:
+        print(f"{path} has no runs yet (only the header). Fill it with ./run_week1.sh --seeds 0 1 2, "
+              f"or one train_*.py script, then run this again.")
+        return
+    groups = summarize(rows)
+    print(f"{path}: {len(rows)} run(s) in {len(groups)} group(s)\n")
+    if dropped:
+        print(duplicates_line(dropped) + "\n")
+    print(report(groups, reference))
+
+
+def update_notes(args, notes_text, rows, dropped):
+    """--write-notes: the block summarises the pretrained rows only."""
+    pretrained = [r for r in rows if not is_random_init(r["weights"])]
+    dropped = [(r, kept) for r, kept in dropped if not is_random_init(r["weights"])]
+    block = notes_block(summarize(pretrained), dropped, args.results, args.write_notes, args.reference)
+    changed = write_notes(args.write_notes, notes_text, block)
+    print(f"\n{args.write_notes}: " + ("results block replaced" if changed else "results block already up to date")
+          + f" ({len(pretrained)} pretrained run(s); random-init rows are never written there)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.param_table:
         print(param_table())
         return 0
-    if args.reference is not None:
-        check_reference_name(args.reference)
-    if args.plots:
-        check_plots_dir(args.plots)
-    notes_text = read_notes(args.write_notes) if args.write_notes else None
-    if notes_text is not None:
-        split_notes(notes_text, args.write_notes)  # bad markers: stop before any output
+    notes_text = check_flags(args)
     rows, dropped = drop_duplicates(read_results(args.results))
     if args.reference is not None:
         check_reference_present(args.reference, rows, args.results)
-    reference = args.reference or DEFAULT_REFERENCE
-    if not rows:
-        print(f"{args.results} has no runs yet (only the header). Fill it with ./run_week1.sh --seeds 0 1 2, "
-              f"or one train_*.py script, then run this again.")
-    else:
-        groups = summarize(rows)
-        print(f"{args.results}: {len(rows)} run(s) in {len(groups)} group(s)\n")
-        if dropped:
-            print(duplicates_line(dropped) + "\n")
-        print(report(groups, reference))
+    print_summary(args.results, rows, dropped, args.reference or DEFAULT_REFERENCE)
     if notes_text is not None:
-        pretrained = [r for r in rows if not is_random_init(r["weights"])]
-        block = notes_block(summarize(pretrained), [d for d in dropped if not is_random_init(d[0]["weights"])],
-                            args.results, args.write_notes, args.reference)
-        changed = write_notes(args.write_notes, notes_text, block)
-        print(f"\n{args.write_notes}: " + ("results block replaced" if changed else "results block already up to date")
-              + f" ({len(pretrained)} pretrained run(s); random-init rows are never written there)")
+        update_notes(args, notes_text, rows, dropped)
     if args.plots and rows:
         written = write_plots(summarize(rows), args.results, args.plots)
         print(f"\nplots: wrote {len(written)} PNG(s) to {os.path.abspath(args.plots)}: "
               + ", ".join(os.path.basename(p) for p in written[:4]) + (" ..." if len(written) > 4 else ""))
     return 0
-
 
 if __name__ == "__main__":
     try:
