@@ -27,7 +27,6 @@ a full fine-tune about 3x (+ gradients of every weight); LoRA's rank-8 factors a
 """
 import argparse
 import copy
-import os
 import platform
 import statistics
 import sys

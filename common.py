@@ -1,12 +1,10 @@
-"""Shared pieces of the three train_*.py scripts: flags, data, model, training loop, metrics, results.
+"""Shared pieces of the five train_*.py scripts: flags, data, model, training loop, metrics, results.
 
 Read top to bottom: flags -> CPU setup -> data -> model -> parameter accounting -> train/evaluate
 -> metrics -> results CSV. Everything runs on the CPU.
 """
 import argparse
-import csv
 import datetime
-import io
 import json
 import logging
 import math
@@ -16,17 +14,16 @@ import sys
 import time
 from dataclasses import dataclass
 
-try:
-    import fcntl  # POSIX file locks (macOS, Linux); not on Windows
-except ImportError:  # pragma: no cover
-    fcntl = None
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
+# The results CSV (columns, checks, append) and the two error classes live in the torch-free
+# results_file.py, which summarize.py shares; re-exported here as common.<name>.
+from results_file import (CSV_COLUMNS, OLD_COLUMNS, RunError, UsageError, append_result,  # noqa: F401
+                          check_results_file, csv_line)
 
 # The two backbones: the same ViT-Ti/16 architecture, created through timm under their own names, so
 # the download, the input mean/std and the `backbone` column all say what was used. vit_tiny's default
@@ -42,17 +39,6 @@ DEFAULT_DATA_DIR = os.path.join("~", ".torch")
 # The validation and test subsets are drawn with this seed whatever --seed is, so runs with different
 # seeds are judged on the same images: their spread is training noise, not test-sampling noise.
 DATA_SEED = 0
-CSV_COLUMNS = [
-    # the nine columns other tools rely on, in this order
-    "ts", "method", "dataset", "backbone", "tuned_params_%", "acc@1", "ece", "train_time_s", "epochs",
-    # what someone needs to reproduce the row
-    "time_per_epoch_s", "eval_time_s", "img_size", "train_samples", "eval_samples", "batch_size",
-    "lr", "weight_decay", "seed", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-    "train_head", "precision", "threads", "weights", "torch", "calibration_file",
-    # added later, after the first 28 (older files keep working)
-    "val_samples", "val_acc@1", "val_ece", "temperature", "ece_ts", "head_lr", "norm_lr", "compile_time_s",
-    "cpu", "run_key",
-]
 # Learning rates, stated in one place: each method trains some of four parameter groups, each group at
 # its own peak rate (AdamW, linear warmup, then cosine to 0). --lr sets the method's main group (first
 # below), --head-lr the head's, --norm-lr Hybrid's LayerNorms. Why the values differ:
@@ -76,14 +62,6 @@ METHODS = tuple(DEFAULT_LRS)  # linear probe, NormTune, LoRA, Hybrid, full fine-
 def main_group(method: str) -> str:
     """The parameter group that --lr sets: the first one of the method in DEFAULT_LRS."""
     return next(iter(DEFAULT_LRS[method]))
-
-
-class UsageError(Exception):
-    """A flag value is wrong: exit code 2."""
-
-
-class RunError(Exception):
-    """The run cannot go on (data, weights, results file, diverging loss): exit code 1."""
 
 
 def main(run):
@@ -869,65 +847,6 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
 
 
 # ----------------------------------------------------------------------------- results
-
-def _read_header(f) -> list:
-    f.seek(0)
-    first = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
-    return next(csv.reader([first]), [])
-
-
-def check_results_file(path):
-    """Fail early, before any training, if the results CSV cannot take our row."""
-    folder = os.path.dirname(path)
-    if os.path.isdir(path):
-        raise UsageError(f"--results {path} is a folder; give a CSV file name, e.g. "
-                         f"{os.path.join(path, 'results_week1.csv')}.")
-    if not os.path.isdir(folder):
-        raise UsageError(f"--results {path}: folder {folder} does not exist; create it or pick another path.")
-    if os.path.exists(path):
-        if not os.access(path, os.W_OK):
-            raise UsageError(f"--results {path} is not writable; fix its permissions or pick another file.")
-        with open(path, "rb") as f:
-            if f.read(1):
-                _check_header(_read_header(f), path)
-    elif not os.access(folder, os.W_OK):
-        raise UsageError(f"--results {path}: folder {folder} is not writable; pick another path.")
-
-
-def _check_header(header, path):
-    if header[:len(CSV_COLUMNS)] != CSV_COLUMNS or len(header) != len(CSV_COLUMNS):
-        diff = [f"column {i + 1}: file has {a!r}, expected {b!r}"
-                for i, (a, b) in enumerate(zip(header + [""] * len(CSV_COLUMNS), CSV_COLUMNS + [""] * len(header)))
-                if a != b]
-        raise UsageError(f"--results {path} has a different header than this version writes "
-                         f"({'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}). It was left untouched: "
-                         f"pass --results with a new file name, e.g. --results results_week1_v2.csv.")
-
-
-def csv_line(values) -> str:
-    """One CSV line with its newline; fields holding commas or quotes are quoted."""
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(list(values))
-    return buf.getvalue()
-
-
-def append_result(path, row: dict):
-    """Append one row atomically: exclusive lock, header check, one write() call, fsync."""
-    line = csv_line(row[c] for c in CSV_COLUMNS)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-    with os.fdopen(fd, "r+b") as f:
-        if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file closes
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            data = csv_line(CSV_COLUMNS) + line
-        else:
-            _check_header(_read_header(f), path)
-            f.seek(size - 1)
-            data = ("" if f.read(1) == b"\n" else "\n") + line
-        os.write(f.fileno(), data.encode("utf-8"))  # O_APPEND: lands at the end, in one piece
-        os.fsync(f.fileno())
-
 
 def write_calibration(results_path, ts, method, probs, labels, ece) -> str:
     """Per-bin reliability numbers as a small JSON beside the CSV; returns its path relative to it."""

@@ -1,48 +1,78 @@
 """python summarize.py [results_week1.csv]  ->  a Markdown table of the results file: one row per method
 and settings, with the number of runs (seeds), tuned parameters %, acc@1 and ECE as mean ± std over the
-seeds, and the mean time per epoch.
+seeds, and the mean time per epoch; then the best learning rate on validation and paired comparisons.
 
-Rows are grouped by method + every setting that changes what is measured (dataset, img_size, train/eval
-samples, epochs, batch size, lr, weight decay, LoRA r/alpha/dropout/targets, train_head, precision,
-backbone weights); never by seed, timestamp, timings, threads or torch version. So runs that differ in
-any setting are never averaged together. std is the sample standard deviation (ddof=1) over the runs of a
-group; a group with a single run shows "–" (one run has no spread).
+Rows are grouped by method + every setting that changes what is measured (dataset, img_size, train/val/eval
+samples, epochs, batch size, lr, head_lr, norm_lr, weight decay, LoRA r/alpha/dropout/targets, train_head,
+precision, backbone weights); never by seed, timestamp, timings, threads or torch version. So runs that
+differ in any setting are never averaged together. std is the sample standard deviation (ddof=1) over the
+runs of a group; a group with a single run shows "–" (one run has no spread). Files with the previous
+28-column header are read too (their newer columns count as blank).
 
+what it prints:
+  table            one row per group; "val acc@1" and "ECE after TS" (test ECE after temperature scaling
+                   fitted on the validation split) appear when some run has them.
+  duplicates       a method + settings + seed that appears more than once counts once: the last (newest)
+                   row is kept, and one line names the dropped lines.
+  best lr on val   for each method whose groups differ only in lr/head_lr/norm_lr and have validation
+                   numbers: those groups, with the best mean val acc@1 marked. Test numbers never choose.
+  paired           runs of two methods with the same seed and settings saw the same data subset, order
+                   and head init, so per seed the difference method - reference is fair. For each method:
+                   mean ± std of the differences in acc@1, ECE (and ECE after TS), the number of pairs,
+                   the 95 % confidence interval of the mean difference (Student t) and a verdict: better,
+                   worse, or not distinguishable from seed noise. For ECE lower is better.
+
+flags in detail:
+  --reference METHOD  the method the others are compared with (default lora; one of linear, normtune,
+                   lora, hybrid, full). If one setting has several reference groups (an lr sweep), the one
+                   best on validation is used when validation numbers exist, else each, labelled.
+  --write-notes FILE  replace only the block between <!-- results:start --> and <!-- results:end --> in
+                   FILE (notes.md) by the table, best lr and paired comparison of the rows with pretrained
+                   weights (random-init rows are never written there; with none, the block says it is
+                   empty). Everything else stays byte-identical; the write is atomic; no timestamps, so
+                   the same results give the same bytes. Missing or repeated markers: error, file untouched.
   --plots DIR      also write PNGs (needs the optional matplotlib): acc_vs_params.png (accuracy vs tuned
                    parameters %, log x, one marker per method) and reliability_<ts>_<method>.png for each
                    run whose per-bin calibration JSON (column calibration_file) is still there.
   --param-table    print the exact per-method parameter table (224 px, 10 classes, default LoRA flags),
                    computed by building the models; notes.md holds a copy that a test keeps in sync.
+
+Exit codes: 0 done, 2 wrong flag or missing file, 1 a file that cannot be read or written.
 """
 import argparse
-import csv
+import contextlib
 import json
+import math
 import os
+import shlex
+import stat
 import sys
+import tempfile
 
 import numpy as np
 
+import results_file
+from results_file import RunError, UsageError
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RESULTS = os.path.join(HERE, "results_week1.csv")
-METHOD_ORDER = ("lora", "normtune", "hybrid")
-METHOD_LABEL = {"lora": "LoRA", "normtune": "NormTune", "hybrid": "Hybrid"}
+DEFAULT_REFERENCE = "lora"
+METHOD_ORDER = ("linear", "normtune", "lora", "hybrid", "full")  # fewest to most tuned parameters
+METHOD_LABEL = {"linear": "linear probe", "normtune": "NormTune", "lora": "LoRA", "hybrid": "Hybrid",
+                "full": "full fine-tune"}
 # Settings that define a group (besides the method); short names for the table.
 GROUP_COLUMNS = {"dataset": "dataset", "backbone": "backbone", "weights": "weights", "img_size": "img",
-                 "train_samples": "train", "eval_samples": "eval", "epochs": "epochs", "batch_size": "bs",
-                 "lr": "lr", "weight_decay": "wd", "lora_r": "r", "lora_alpha": "alpha",
-                 "lora_dropout": "dropout", "lora_targets": "targets", "train_head": "head",
-                 "precision": "precision"}
-METHOD_SPECIFIC = ("lr", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")  # differ by design
-NUMERIC = ("tuned_params_%", "acc@1", "ece", "time_per_epoch_s")
-NEEDED = ("method", "seed") + NUMERIC + tuple(GROUP_COLUMNS)
-
-
-class UsageError(Exception):
-    """Wrong flag value: exit code 2 (same convention as common.UsageError, without importing torch)."""
-
-
-class RunError(Exception):
-    """The file cannot be summarised: exit code 1."""
+                 "train_samples": "train", "val_samples": "val", "eval_samples": "eval", "epochs": "epochs",
+                 "batch_size": "bs", "lr": "lr", "head_lr": "head_lr", "norm_lr": "norm_lr",
+                 "weight_decay": "wd", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+                 "lora_targets": "targets", "train_head": "head", "precision": "precision"}
+LR_COLUMNS = ("lr", "head_lr", "norm_lr")
+METHOD_SPECIFIC = LR_COLUMNS + ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")  # differ by design
+NUMERIC = ("tuned_params_%", "acc@1", "ece", "time_per_epoch_s")  # every row has these
+OPTIONAL_NUMERIC = ("val_acc@1", "val_ece", "temperature", "ece_ts", "compile_time_s")  # blank -> None
+# What a file must have to be summarised: the old layout's share of the above (newer columns may be absent).
+NEEDED = ("method", "seed") + NUMERIC + tuple(c for c in GROUP_COLUMNS if c in results_file.OLD_COLUMNS)
+NOTES_START, NOTES_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 # ----------------------------------------------------------------------------- reading and grouping
@@ -61,29 +91,63 @@ def read_results(path) -> list:
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such results file. Run ./run_week1.sh (or a train_*.py script) first, "
                          f"or pass the CSV that --results pointed at.")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        missing = [c for c in NEEDED if c not in header]
-        if header and missing:
-            raise RunError(f"{path} is not a results file of this project: it lacks the column(s) "
-                           f"{', '.join(missing)}.")
-        rows = []
-        for line_no, raw in enumerate(reader, start=2):
-            row = dict(raw)
-            try:
-                for c in NUMERIC:
-                    row[c] = float(row[c])
-            except (TypeError, ValueError):
-                raise RunError(f"{path} line {line_no}: {c}={raw.get(c)!r} is not a number. Fix or delete that "
-                               f"line (the other rows are fine).")
-            row["_line"] = line_no
-            rows.append(row)
+    rows = results_file.read_rows(path, needed=NEEDED)
+    for row in rows:
+        parse_numbers(row, path)
     return rows
+
+
+def parse_numbers(row, path):
+    """Numeric columns to float in place; a blank optional one becomes None."""
+    for c in NUMERIC + OPTIONAL_NUMERIC:
+        text = row[c].strip()
+        if c in OPTIONAL_NUMERIC and not text:
+            row[c] = None
+            continue
+        try:
+            row[c] = float(text)
+        except ValueError:
+            raise RunError(f"{path} line {row['_line']}: {c}={text!r} is not a number. Fix or delete that line "
+                           f"(the other rows are fine).")
 
 
 def group_key(row) -> tuple:
     return (row["method"],) + tuple(weights_kind(row[c]) if c == "weights" else row[c] for c in GROUP_COLUMNS)
+
+
+def shared_key(row) -> tuple:
+    """An "experiment": the settings without the per-method ones (learning rates, LoRA flags)."""
+    return tuple(weights_kind(row[c]) if c == "weights" else row[c]
+                 for c in GROUP_COLUMNS if c not in METHOD_SPECIFIC)
+
+
+def drop_duplicates(rows) -> tuple:
+    """One row per (method, settings, seed): the last one in the file, i.e. the newest.
+    -> (kept rows in file order, [(dropped row, the row kept instead), ...])."""
+    last = {}
+    for row in rows:
+        last[group_key(row) + (row["seed"],)] = row
+    kept, dropped = [], []
+    for row in rows:
+        newest = last[group_key(row) + (row["seed"],)]
+        if newest is row:
+            kept.append(row)
+        else:
+            dropped.append((row, newest))
+    return kept, dropped
+
+
+def duplicates_line(dropped) -> str:
+    """One line naming each repeated run, the lines dropped and the line kept; "" without duplicates."""
+    if not dropped:
+        return ""
+    by_kept = {}  # the kept row's line -> (kept row, [lines dropped in its favour])
+    for row, newest in dropped:
+        by_kept.setdefault(newest["_line"], (newest, []))[1].append(row["_line"])
+    parts = [f"{METHOD_LABEL.get(r['method'], r['method'])} lr={r['lr']} seed {r['seed']}: kept line {r['_line']}, "
+             f"dropped line(s) {', '.join(map(str, lines))}" for r, lines in by_kept.values()]
+    return (f"duplicates: {len(dropped)} row(s) repeat the method, settings and seed of a later row and are not "
+            f"counted (the last, newest row of each is kept): " + "; ".join(parts))
 
 
 def mean_std(values):
@@ -92,31 +156,35 @@ def mean_std(values):
     return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else None)
 
 
+def optional_stats(members, column):
+    """(mean, std) over the runs that have the column, and how many do; (None, 0) if none."""
+    values = [r[column] for r in members if r[column] is not None]
+    return (mean_std(values) if values else None), len(values)
+
+
 def summarize(rows) -> list:
     """One dict per (method, settings) group, in a stable order: experiments by first appearance in the
-    file, and within one experiment LoRA, NormTune, Hybrid."""
+    file, and within one experiment linear probe, NormTune, LoRA, Hybrid, full fine-tune."""
     groups = {}
     for row in rows:
         groups.setdefault(group_key(row), []).append(row)
     shared_first = {}
-    for row in rows:  # an "experiment" = the settings without the per-method ones
+    for row in rows:
         shared_first.setdefault(shared_key(row), len(shared_first))
     out = []
     for key, members in groups.items():
         first = members[0]
-        acc, ece = mean_std([r["acc@1"] for r in members]), mean_std([r["ece"] for r in members])
+        val_acc, val_n = optional_stats(members, "val_acc@1")
+        ece_ts, ts_n = optional_stats(members, "ece_ts")
         out.append(dict(method=first["method"], settings={c: key[i + 1] for i, c in enumerate(GROUP_COLUMNS)},
                         runs=len(members), seeds=sorted({r["seed"] for r in members}, key=_num_or_text),
                         tuned_pct=float(np.mean([r["tuned_params_%"] for r in members])),
-                        acc=acc, ece=ece, epoch_s=float(np.mean([r["time_per_epoch_s"] for r in members])),
+                        acc=mean_std([r["acc@1"] for r in members]), ece=mean_std([r["ece"] for r in members]),
+                        val_acc=val_acc, val_n=val_n, val_ece=optional_stats(members, "val_ece")[0],
+                        ece_ts=ece_ts, ts_n=ts_n, epoch_s=float(np.mean([r["time_per_epoch_s"] for r in members])),
                         rows=members, random_init=is_random_init(first["weights"]),
                         order=(shared_first[shared_key(first)], _method_rank(first["method"]))))
     return sorted(out, key=lambda g: g["order"])
-
-
-def shared_key(row) -> tuple:
-    return tuple(weights_kind(row[c]) if c == "weights" else row[c]
-                 for c in GROUP_COLUMNS if c not in METHOD_SPECIFIC)
 
 
 def _method_rank(method):
@@ -130,11 +198,60 @@ def _num_or_text(s):
         return (1, 0.0, s)
 
 
+def experiments(groups) -> list:
+    """[[groups of experiment 1], [groups of experiment 2], ...] in the table's order."""
+    out = {}
+    for g in groups:
+        out.setdefault(g["order"][0], []).append(g)
+    return list(out.values())
+
+
+# ----------------------------------------------------------------------------- names
+
+def fmt_setting(column, value) -> str:
+    return f"{GROUP_COLUMNS[column]}={value}"
+
+
+def method_label(g) -> str:
+    return METHOD_LABEL.get(g["method"], g["method"]) + (" (random-init)" if g["random_init"] else "")
+
+
+def describe(g, groups, exclude=(), with_setting=True) -> str:
+    """Method label + the per-method settings that tell this group from the other groups of the same method
+    and experiment (e.g. 'LoRA lr=0.003'); + '(setting k)' when the file holds several experiments."""
+    same = [h for h in groups if h["order"][0] == g["order"][0] and h["method"] == g["method"]]
+    cols = [c for c in METHOD_SPECIFIC if c not in exclude and len({h["settings"][c] for h in same}) > 1]
+    text = method_label(g) + "".join(" " + fmt_setting(c, g["settings"][c]) for c in cols)
+    n_experiments = len({h["order"][0] for h in groups})
+    return text + (f" (setting {experiment_number(g, groups)})" if with_setting and n_experiments > 1 else "")
+
+
+def experiment_number(g, groups) -> int:
+    return sorted({h["order"][0] for h in groups}).index(g["order"][0]) + 1
+
+
+def experiment_legend(groups) -> list:
+    """'setting k: img=112, ...' per experiment (the shared settings that differ); [] for one experiment."""
+    exps = experiments(groups)
+    if len(exps) < 2:
+        return []
+    varying = [c for c in GROUP_COLUMNS if c not in METHOD_SPECIFIC and len({g["settings"][c] for g in groups}) > 1]
+    return [f"setting {k + 1}: " + ", ".join(fmt_setting(c, exp[0]["settings"][c]) for c in varying)
+            for k, exp in enumerate(exps)]
+
+
 # ----------------------------------------------------------------------------- the table
 
 def fmt_mean_std(ms, digits=2) -> str:
     m, s = ms
     return f"{m:.{digits}f} ± " + ("–" if s is None else f"{s:.{digits}f}")
+
+
+def fmt_optional(ms, n, runs) -> str:
+    """mean ± std, '(n of runs)' when only some runs have the number, '–' when none has it."""
+    if ms is None:
+        return "–"
+    return fmt_mean_std(ms) + (f" ({n} of {runs})" if n < runs else "")
 
 
 def fmt_duration(s: float) -> str:
@@ -144,33 +261,336 @@ def fmt_duration(s: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def fmt_setting(column, value) -> str:
-    return f"{GROUP_COLUMNS[column]}={value}"
-
-
 def markdown_table(groups) -> str:
-    """The summary table; settings shared by every group go in one line above it."""
+    """The summary table; settings shared by every group go in one line above it. The validation and
+    temperature-scaling columns appear only when some run has them (old files never do)."""
     common_cols = [c for c in GROUP_COLUMNS if len({g["settings"][c] for g in groups}) == 1]
     varying = [c for c in GROUP_COLUMNS if c not in common_cols]
+    show_val = any(g["val_acc"] is not None for g in groups)
+    show_ts = any(g["ece_ts"] is not None for g in groups)
     lines = []
     shared = [fmt_setting(c, groups[0]["settings"][c]) for c in common_cols if groups[0]["settings"][c] != ""]
     if shared:
         lines += ["Settings of every row: " + ", ".join(shared), ""]
-    head = ["method", "settings", "runs", "tuned_params_%", "acc@1 % (mean ± std)", "ECE % (mean ± std)",
-            "time/epoch"]
-    lines += ["| " + " | ".join(head) + " |", "|---|---|--:|--:|--:|--:|--:|"]
+    head = ["method", "settings", "runs", "tuned_params_%", "acc@1 % (mean ± std)", "ECE % (mean ± std)"]
+    head += ["val acc@1 %"] * show_val + ["ECE after TS %"] * show_ts + ["time/epoch"]
+    lines += ["| " + " | ".join(head) + " |", "|---|---|" + "--:|" * (len(head) - 2)]
     for g in groups:
-        label = METHOD_LABEL.get(g["method"], g["method"]) + (" (random-init)" if g["random_init"] else "")
         settings = ", ".join(fmt_setting(c, g["settings"][c]) for c in varying if g["settings"][c] != "") or "–"
-        lines.append(f"| {label} | {settings} | {g['runs']} | {g['tuned_pct']:.4f} | {fmt_mean_std(g['acc'])} | "
-                     f"{fmt_mean_std(g['ece'])} | {fmt_duration(g['epoch_s'])} |")
+        cells = [method_label(g), settings, str(g["runs"]), f"{g['tuned_pct']:.4f}", fmt_mean_std(g["acc"]),
+                 fmt_mean_std(g["ece"])]
+        cells += [fmt_optional(g["val_acc"], g["val_n"], g["runs"])] * show_val
+        cells += [fmt_optional(g["ece_ts"], g["ts_n"], g["runs"])] * show_ts
+        lines.append("| " + " | ".join(cells + [fmt_duration(g["epoch_s"])]) + " |")
     lines.append("")
     lines.append("std: sample std over seeds (ddof=1); – = a single run. time/epoch: mean over runs, training "
                  "only, in s or m:ss (the CSV's threads column says how many CPU threads).")
+    if show_val or show_ts:
+        lines.append("val acc@1: on the validation split held out from the training images. ECE after TS: test "
+                     "ECE after dividing the logits by the temperature fitted on that split.")
     if any(g["random_init"] for g in groups):
         lines.append("WARNING: rows marked (random-init) come from --no-pretrained smoke tests: their accuracy "
                      "and ECE are NOT fine-tuning results.")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- best learning rate on validation
+
+def lr_sweeps(groups) -> list:
+    """Lists of 2+ groups of one method and experiment that differ only in a learning rate and have
+    validation numbers."""
+    sweeps = {}
+    for g in groups:
+        if g["val_acc"] is not None:
+            key = (g["method"], tuple(v for c, v in g["settings"].items() if c not in LR_COLUMNS))
+            sweeps.setdefault(key, []).append(g)
+    return [s for s in sweeps.values() if len(s) > 1]
+
+
+def best_on_validation(groups):
+    """The group with the highest mean val acc@1 (the first such in table order on a tie). Only
+    validation numbers choose: choosing by test accuracy would make the test number optimistic."""
+    return max(groups, key=lambda g: g["val_acc"][0])
+
+
+def best_lr_table(groups) -> str:
+    """'' when no method has an lr sweep with validation numbers."""
+    sweeps = lr_sweeps(groups)
+    if not sweeps:
+        return ""
+    lines = ["Best learning rate on validation (highest mean val acc@1; test numbers never choose):", "",
+             "| method | lr | head_lr | norm_lr | val acc@1 % (mean ± std) | val ECE % (mean ± std) | runs | |",
+             "|---|--:|--:|--:|--:|--:|--:|---|"]
+    for sweep in sweeps:
+        best = best_on_validation(sweep)
+        for g in sweep:
+            s = g["settings"]
+            val_ece = "–" if g["val_ece"] is None else fmt_mean_std(g["val_ece"])
+            lrs = " | ".join(s[c] or "–" for c in LR_COLUMNS)
+            lines.append(f"| {describe(g, groups, exclude=LR_COLUMNS)} | {lrs} | {fmt_mean_std(g['val_acc'])} | "
+                         f"{val_ece} | {g['val_n']} | "
+                         f"{'**best**' if g is best else ''} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- Student t (numpy/math only)
+
+def _beta_continued_fraction(a, b, x):
+    """Continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes 6.4)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),            # even step
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # odd step
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return h
+
+
+def regularized_beta(a, b, x) -> float:
+    """I_x(a, b), the CDF of a Beta(a, b) variable at x."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):  # the fraction converges fast on this side; use symmetry on the other
+        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with df degrees of freedom: P(|T| > |t|) = I_{df/(df+t²)}(df/2, 1/2)."""
+    tail = 0.5 * regularized_beta(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The t with t_cdf(t, df) = p, by bisection (t_cdf increases); e.g. t_quantile(0.975, 2) = 4.303."""
+    if not 0.0 < p < 1.0 or df <= 0:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+        if hi - lo <= 1e-12 * hi:
+            break
+    return (lo + hi) / 2.0
+
+
+# ----------------------------------------------------------------------------- paired comparisons
+
+PAIRED_METRICS = (("acc@1", "acc@1", False), ("ece", "ECE", True), ("ece_ts", "ECE after TS", True))
+
+
+def paired_differences(rows, reference_rows, column) -> np.ndarray:
+    """method - reference per seed that both groups ran (and both have the number), in seed order."""
+    mine = {r["seed"]: r[column] for r in rows}
+    ref = {r["seed"]: r[column] for r in reference_rows}
+    seeds = sorted(set(mine) & set(ref), key=_num_or_text)
+    return np.array([mine[s] - ref[s] for s in seeds if mine[s] is not None and ref[s] is not None])
+
+
+def paired_stats(diffs, confidence=0.95) -> dict:
+    """n, mean, sample std and the Student-t confidence interval of the mean difference (None for n < 2:
+    one pair says nothing about the seed-to-seed spread)."""
+    n = len(diffs)
+    if n == 0:
+        return dict(n=0, mean=None, std=None, ci=None)
+    mean, std = mean_std(diffs)
+    if n < 2:
+        return dict(n=n, mean=mean, std=None, ci=None)
+    half = t_quantile(0.5 + confidence / 2.0, n - 1) * std / math.sqrt(n)
+    return dict(n=n, mean=mean, std=std, ci=(mean - half, mean + half))
+
+
+def verdict(stats, lower_is_better=False) -> str:
+    """'better' or 'worse' only when the whole interval is on one side of 0."""
+    if stats["ci"] is None:
+        return "one pair: no interval, cannot tell (run more seeds)"
+    lo, hi = stats["ci"]
+    if lo > 0:
+        return "worse" if lower_is_better else "better"
+    if hi < 0:
+        return "better" if lower_is_better else "worse"
+    return f"not distinguishable from seed noise with {stats['n']} seeds"
+
+
+def reference_groups(exp_groups, reference) -> tuple:
+    """The reference group(s) of one experiment, and a note on how they were chosen. Several (an lr or
+    rank sweep): the one best on validation if any has validation numbers, else every one."""
+    refs = [g for g in exp_groups if g["method"] == reference]
+    if len(refs) < 2:
+        return refs, ""
+    with_val = [g for g in refs if g["val_acc"] is not None]
+    if with_val:
+        label = METHOD_LABEL.get(reference, reference)
+        return [best_on_validation(with_val)], f"best val acc@1 of the {len(refs)} {label} groups"
+    return refs, "no validation numbers to choose one, so each is compared"
+
+
+def comparison_rows(g, ref, name) -> list:
+    """Table lines of one method group against one reference group."""
+    lines = []
+    for column, label, lower_is_better in PAIRED_METRICS:
+        stats = paired_stats(paired_differences(g["rows"], ref["rows"], column))
+        if stats["n"] == 0:
+            if column == "acc@1":
+                lines.append(f"| {name} | – | 0 | – | – | no seed in common: nothing to pair |")
+            continue
+        std = "–" if stats["std"] is None else f"{stats['std']:.2f}"
+        ci = "– (one pair)" if stats["ci"] is None else f"[{stats['ci'][0]:+.2f}, {stats['ci'][1]:+.2f}]"
+        lines.append(f"| {name} | {label} | {stats['n']} | {stats['mean']:+.2f} ± {std} | {ci} | "
+                     f"{verdict(stats, lower_is_better)} |")
+    return lines
+
+
+def paired_section(groups, reference) -> str:
+    """Each method's paired differences to the reference, per experiment; '' if there is nothing to pair."""
+    methods = {g["method"] for g in groups}
+    ref_label = METHOD_LABEL.get(reference, reference)
+    if len(methods) < 2:
+        return ""
+    if reference not in methods:
+        return (f"Paired comparison: no {ref_label} run here; pick the reference with --reference (methods here: "
+                f"{', '.join(m for m in METHOD_ORDER + tuple(sorted(methods)) if m in methods)}).")
+    lines = [f"Paired differences to {ref_label} (method - {ref_label}, percentage points, per seed that both ran with "
+             f"the same settings: same data subset, order and head init). mean ± std over the pairs; 95 % CI of the "
+             f"mean difference (Student t). ECE: lower is better, so a negative difference is better.", ""]
+    head = ["| method | metric | pairs | difference (mean ± std) | 95 % CI | verdict |", "|---|---|--:|--:|--:|---|"]
+    legend = experiment_legend(groups)
+    for k, exp in enumerate(experiments(groups)):
+        others = [g for g in exp if g["method"] != reference]
+        if not others:
+            continue
+        where = legend[k] if legend else ""  # legend lines say which setting each table is about
+        refs, note = reference_groups(exp, reference)
+        if not refs:
+            lines += [f"{where}: no {ref_label} run with these settings, nothing to pair with.", ""]
+            continue
+        if note:
+            chosen = ", ".join(describe(r, groups, with_setting=False) for r in refs)
+            where = "; ".join(x for x in (where, f"reference {chosen} ({note})") if x)
+        if where:
+            lines += [where, ""]
+        lines += head
+        for g in others:
+            for ref in refs:
+                name = describe(g, groups, with_setting=False)
+                if len(refs) > 1:
+                    name += " vs " + describe(ref, groups, with_setting=False)
+                lines += comparison_rows(g, ref, name)
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def report(groups, reference) -> str:
+    """Everything summarize.py prints about a set of groups, also what --write-notes puts in notes.md."""
+    parts = [markdown_table(groups), best_lr_table(groups), paired_section(groups, reference)]
+    return "\n\n".join(p for p in parts if p)
+
+
+# ----------------------------------------------------------------------------- --write-notes
+
+def split_notes(text, path) -> tuple:
+    """(everything up to and including the start marker, everything from the end marker on).
+    RunError unless each marker is there exactly once, start before end."""
+    n_start, n_end = text.count(NOTES_START), text.count(NOTES_END)
+    if (n_start, n_end) != (1, 1):
+        raise RunError(f"--write-notes {path}: needs the line {NOTES_START} and later the line {NOTES_END}, once "
+                       f"each; found {n_start} and {n_end}. Add or remove markers so that exactly one pair surrounds "
+                       f"the results block, then run this again. The file was left untouched.")
+    start, end = text.index(NOTES_START), text.index(NOTES_END)
+    if end < start:
+        raise RunError(f"--write-notes {path}: {NOTES_END} comes before {NOTES_START}; swap them so the start "
+                       f"marker is first, then run this again. The file was left untouched.")
+    return text[:start + len(NOTES_START)], text[end:]
+
+
+def replace_block(text, block, path) -> str:
+    """text with only the part between the markers replaced by block (in the file's own line ends)."""
+    before, after = split_notes(text, path)
+    newline = "\r\n" if "\r\n" in text else "\n"
+    return before + newline + block.replace("\n", newline) + newline + after
+
+
+def read_notes(path) -> str:
+    if not os.path.isfile(path):
+        raise UsageError(f"--write-notes {path}: no such file. Give the notes file that holds the lines "
+                         f"{NOTES_START} and {NOTES_END} (e.g. notes.md).")
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunError(f"--write-notes {path} could not be read as UTF-8 text ({e}); it was left untouched.")
+
+
+def notes_block(groups, dropped, results_path, notes_path, reference_flag) -> str:
+    """The block for notes.md: where it came from, the command that made it, then report(); byte-stable
+    for the same input (paths relative to the notes file, no timestamps)."""
+    source = _relative_to(results_path, notes_path)
+    command = (f"python summarize.py {shlex.quote(source)} --write-notes {shlex.quote(os.path.basename(notes_path))}"
+               + (f" --reference {reference_flag}" if reference_flag else ""))
+    if not groups:
+        return (f"**Empty: no run with pretrained weights in `{source}` yet.** Fill it with "
+                f"`./run_week1.sh --seeds 0 1 2` using the pretrained backbone (the default download or `--weights`), "
+                f"then run `{command}`. Runs with `--no-pretrained` (random-init smoke tests) are not results and are "
+                f"never written here.")
+    runs = sum(g["runs"] for g in groups)
+    origin = (f"Generated from `{source}` by `{command}`: rows with pretrained weights only (random-init smoke tests "
+              f"are never written here), {runs} run(s) in {len(groups)} group(s). Run the command again to refresh "
+              f"this block; edits inside it are overwritten.")
+    parts = [origin, duplicates_line(dropped), report(groups, reference_flag or DEFAULT_REFERENCE)]
+    return "\n\n".join(p for p in parts if p)
+
+
+def _relative_to(path, notes_path) -> str:
+    try:
+        return os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.abspath(notes_path)))
+    except ValueError:  # Windows: another drive
+        return os.path.abspath(path)
+
+
+def write_atomic(path, data: bytes):
+    """Replace the file's bytes all at once: a temp file in the same folder (same file system), fsync,
+    os.replace. A crash or a full disk leaves the old file or the new one, never half of one."""
+    target = os.path.realpath(path)  # a symlinked notes.md stays a symlink
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix="." + os.path.basename(target) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))  # mkstemp makes it private; keep the notes' mode
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_notes(notes_path, text, block) -> bool:
+    """Put block between the markers; False (and no write) when it is already there."""
+    new = replace_block(text, block, notes_path)
+    if new == text:
+        return False
+    try:
+        write_atomic(notes_path, new.encode("utf-8"))
+    except OSError as e:
+        raise RunError(f"--write-notes {notes_path} could not be written ({type(e).__name__}: {e}); it was left "
+                       f"untouched. Check the folder's permissions and free space.")
+    return True
 
 
 # ----------------------------------------------------------------------------- plots (optional matplotlib)
@@ -178,6 +598,19 @@ def markdown_table(groups) -> str:
 MATPLOTLIB_HELP = ("--plots needs matplotlib, which this project does not install (it is optional and only "
                    "used here). Install it into the same environment with `python -m pip install matplotlib` "
                    "(any recent version works with numpy 1.26 and 2.x), then run this command again.")
+
+
+def check_plots_dir(path):
+    """--plots must be a folder that exists or can be created, and be writable: say so before any work."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--plots {path} is a file; give a folder for the PNGs, e.g. --plots plots/.")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--plots {path}: {existing} is a file, so no folder can be made there; pick another path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--plots {path}: the folder {existing} is not writable; pick another folder.")
 
 
 def import_pyplot():
@@ -192,8 +625,11 @@ def import_pyplot():
 
 def write_plots(groups, results_path, out_dir) -> list:
     plt = import_pyplot()
-    os.makedirs(out_dir, exist_ok=True)
-    written = [plot_acc_vs_params(plt, groups, os.path.join(out_dir, "acc_vs_params.png"))]
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        written = [plot_acc_vs_params(plt, groups, os.path.join(out_dir, "acc_vs_params.png"))]
+    except OSError as e:
+        raise RunError(f"--plots {out_dir}: could not write there ({type(e).__name__}: {e}); pick another folder.")
     skipped = []
     for g in groups:
         for row in g["rows"]:
@@ -215,18 +651,18 @@ def write_plots(groups, results_path, out_dir) -> list:
     return written
 
 
-MARKERS = {"lora": "o", "normtune": "s", "hybrid": "^"}
+MARKERS = {"linear": "v", "normtune": "s", "lora": "o", "hybrid": "^", "full": "*"}
 
 
 def plot_acc_vs_params(plt, groups, path) -> str:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    experiments = sorted({g["order"][0] for g in groups})
+    exp_ids = sorted({g["order"][0] for g in groups})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     seen = set()
     for g in groups:
-        k = experiments.index(g["order"][0])
+        k = exp_ids.index(g["order"][0])
         label = METHOD_LABEL.get(g["method"], g["method"])
-        if len(experiments) > 1:
+        if len(exp_ids) > 1:
             label += f" (setting {k + 1})"
         m, s = g["acc"]
         ax.errorbar(g["tuned_pct"], m, yerr=0 if s is None else s, marker=MARKERS.get(g["method"], "D"),
@@ -251,16 +687,11 @@ def plot_acc_vs_params(plt, groups, path) -> str:
     ax.set_title(title, fontsize=10, color="black" if "NOT" not in title else "firebrick")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    if len(experiments) > 1:
-        varying = [c for c in GROUP_COLUMNS if c not in METHOD_SPECIFIC
-                   and len({g["settings"][c] for g in groups}) > 1]
-        notes = []
-        for k in range(len(experiments)):
-            g = next(g for g in groups if experiments.index(g["order"][0]) == k)
-            notes.append(f"setting {k + 1}: " + ", ".join(fmt_setting(c, g["settings"][c]) for c in varying))
+    notes = experiment_legend(groups)
+    if notes:
         fig.text(0.01, 0.01, "\n".join(notes), fontsize=7, va="bottom")
         fig.subplots_adjust(bottom=0.12 + 0.035 * len(notes))
-    fig.tight_layout(rect=(0, 0.03 * len(experiments) if len(experiments) > 1 else 0, 1, 1))
+    fig.tight_layout(rect=(0, 0.03 * len(exp_ids) if len(exp_ids) > 1 else 0, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -306,16 +737,19 @@ def plot_reliability(plt, calib, row, path) -> str:
 
 def param_rows(img_size=224, num_classes=10) -> list:
     """(name, common.param_breakdown) per method, each built as its train_*.py builds it (random init:
-    parameter counts do not depend on the weights), with the scripts' default LoRA flags."""
+    parameter counts do not depend on the weights), with the scripts' default LoRA flags. The linear probe
+    and full fine-tune are built here (only the head / every parameter trains), not by evaluate.apply_method."""
     import timm
     import common
     from evaluate import apply_method
     d = common.build_parser("hybrid", "").parse_args([])  # the scripts' defaults: r, alpha, targets
     rows = []
-    for method in METHOD_ORDER + ("full",):
+    for method in METHOD_ORDER:
         model = timm.create_model(common.BACKBONE, pretrained=False, num_classes=num_classes, img_size=img_size)
         model.requires_grad_(method == "full")
-        if method != "full":
+        if method == "linear":
+            common.set_head_trainable(model, True)
+        elif method != "full":
             apply_method(model, method, d.lora_r, d.lora_alpha, d.lora_dropout, d.lora_targets)
         rows.append((method, common.param_breakdown(model)))
     return rows
@@ -324,30 +758,88 @@ def param_rows(img_size=224, num_classes=10) -> list:
 def param_table(img_size=224, num_classes=10) -> str:
     import common
     d = common.build_parser("hybrid", "").parse_args([])
-    names = dict(METHOD_LABEL, full="full fine-tuning (reference)")
     lines = [f"{common.BACKBONE} at {img_size} px, {num_classes} classes, LoRA r={d.lora_r}, "
              f"alpha={d.lora_alpha:g} on {','.join(d.lora_targets)}. total = every parameter of the adapted "
              f"model (frozen backbone + LoRA factors + new head); tuned % = trainable / total.", "",
              "| method | LoRA | LayerNorm | head | trainable | total | tuned % |",
              "|---|--:|--:|--:|--:|--:|--:|"]
     for method, b in param_rows(img_size, num_classes):
-        if method == "full":
-            lines.append(f"| {names[method]} | – | – | – | {b['trainable']:,} | {b['total']:,} | {b['pct']:.4f} |")
+        if method == "full":  # everything trains: a breakdown by kind would not add anything
+            lines.append(f"| {METHOD_LABEL[method]} | – | – | – | {b['trainable']:,} | {b['total']:,} "
+                         f"| {b['pct']:.4f} |")
         else:
-            lines.append(f"| {names[method]} | {b['lora']:,} | {b['norm']:,} | {b['head']:,} | {b['trainable']:,} "
-                         f"| {b['total']:,} | {b['pct']:.4f} |")
+            lines.append(f"| {METHOD_LABEL[method]} | {b['lora']:,} | {b['norm']:,} | {b['head']:,} | "
+                         f"{b['trainable']:,} | {b['total']:,} | {b['pct']:.4f} |")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- main
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One clear line instead of argparse's usage block: exit code 2 (as the train scripts do)."""
+        self.exit(2, f"{self.prog}: error: {message}\n(`python {self.prog} --help` lists every flag)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    description, epilog = __doc__.split("\n\n", 2)[0], __doc__.split("\n\n", 2)[2]
+    p = _Parser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="?", default=DEFAULT_RESULTS, help="results CSV (default: results_week1.csv)")
+    p.add_argument("--reference", metavar="METHOD", default=None,
+                   help=f"method the others are compared with in the paired comparison (default {DEFAULT_REFERENCE})")
+    p.add_argument("--write-notes", metavar="FILE", default=None,
+                   help="replace the results block of FILE (e.g. notes.md) by the summary of the pretrained runs")
     p.add_argument("--plots", metavar="DIR", default=None, help="write PNG plots into DIR (needs matplotlib)")
     p.add_argument("--param-table", action="store_true", help="print the per-method parameter table and exit")
     return p.parse_args(argv)
+
+
+def check_reference_name(name):
+    if name not in METHOD_ORDER:
+        raise UsageError(f"--reference {name}: unknown method; use one of {', '.join(METHOD_ORDER)}.")
+
+
+def check_reference_present(name, rows, path):
+    """--reference given explicitly must name a method the file has runs of (the default may be absent)."""
+    present = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
+    if name not in present:
+        raise UsageError(f"--reference {name}: {path} has no {name} run; use one of the methods it has: "
+                         f"{', '.join(present) or 'none yet'}.")
+
+
+def check_flags(args):
+    """Every flag problem before any output; returns the notes file's text (None without --write-notes)."""
+    if args.reference is not None:
+        check_reference_name(args.reference)
+    if args.plots:
+        check_plots_dir(args.plots)
+    if not args.write_notes:
+        return None
+    text = read_notes(args.write_notes)
+    split_notes(text, args.write_notes)  # missing or repeated markers: stop now
+    return text
+
+
+def print_summary(path, rows, dropped, reference):
+    if not rows:
+        print(f"{path} has no runs yet (only the header). Fill it with ./run_week1.sh --seeds 0 1 2, "
+              f"or one train_*.py script, then run this again.")
+        return
+    groups = summarize(rows)
+    print(f"{path}: {len(rows)} run(s) in {len(groups)} group(s)\n")
+    if dropped:
+        print(duplicates_line(dropped) + "\n")
+    print(report(groups, reference))
+
+
+def update_notes(args, notes_text, rows, dropped):
+    """--write-notes: the block summarises the pretrained rows only."""
+    pretrained = [r for r in rows if not is_random_init(r["weights"])]
+    dropped = [(r, kept) for r, kept in dropped if not is_random_init(r["weights"])]
+    block = notes_block(summarize(pretrained), dropped, args.results, args.write_notes, args.reference)
+    changed = write_notes(args.write_notes, notes_text, block)
+    print(f"\n{args.write_notes}: " + ("results block replaced" if changed else "results block already up to date")
+          + f" ({len(pretrained)} pretrained run(s); random-init rows are never written there)")
 
 
 def main(argv=None) -> int:
@@ -355,20 +847,18 @@ def main(argv=None) -> int:
     if args.param_table:
         print(param_table())
         return 0
-    rows = read_results(args.results)
-    if not rows:
-        print(f"{args.results} has no runs yet (only the header). Fill it with ./run_week1.sh --seeds 0 1 2, "
-              f"or one train_*.py script, then run this again.")
-        return 0
-    groups = summarize(rows)
-    print(f"{args.results}: {len(rows)} run(s) in {len(groups)} group(s)\n")
-    print(markdown_table(groups))
-    if args.plots:
-        written = write_plots(groups, args.results, args.plots)
+    notes_text = check_flags(args)
+    rows, dropped = drop_duplicates(read_results(args.results))
+    if args.reference is not None:
+        check_reference_present(args.reference, rows, args.results)
+    print_summary(args.results, rows, dropped, args.reference or DEFAULT_REFERENCE)
+    if notes_text is not None:
+        update_notes(args, notes_text, rows, dropped)
+    if args.plots and rows:
+        written = write_plots(summarize(rows), args.results, args.plots)
         print(f"\nplots: wrote {len(written)} PNG(s) to {os.path.abspath(args.plots)}: "
               + ", ".join(os.path.basename(p) for p in written[:4]) + (" ..." if len(written) > 4 else ""))
     return 0
-
 
 if __name__ == "__main__":
     try:

@@ -32,6 +32,7 @@ import common
 import evaluate
 import lora
 import normtune
+import results_file
 import summarize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -368,8 +369,13 @@ class TestResultsCSV(unittest.TestCase):
     def test_first_nine_columns_in_order(self):
         self.assertEqual(common.CSV_COLUMNS[:9], ["ts", "method", "dataset", "backbone", "tuned_params_%",
                                                   "acc@1", "ece", "train_time_s", "epochs"])
-        with open(os.path.join(HERE, "results_week1.csv")) as f:
-            self.assertEqual(f.read().strip().split(","), common.CSV_COLUMNS)
+        # The tracked file is the user's log: only its header is checked (rows may have been appended,
+        # and a log started by the previous version keeps its 28 columns).
+        with open(os.path.join(HERE, "results_week1.csv"), encoding="utf-8") as f:
+            self.assertIn(results_file.parse_header(f.readline()), (common.CSV_COLUMNS, common.OLD_COLUMNS))
+        self.assertEqual(common.CSV_COLUMNS[:28], common.OLD_COLUMNS)  # the old order is kept
+        self.assertEqual(common.CSV_COLUMNS[28:], ["val_samples", "val_acc@1", "val_ece", "temperature", "ece_ts",
+                                                   "head_lr", "norm_lr", "compile_time_s", "cpu", "run_key"])
 
     def test_header_written_once(self):
         for i in range(3):
@@ -988,9 +994,10 @@ def results_row(**kw):
     return row
 
 
-def write_results(path, rows):
+def write_results(path, rows, columns=None):
+    """A results CSV in this version's layout, or in `columns` (e.g. the old 28; other keys are left out)."""
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=common.CSV_COLUMNS, lineterminator="\n")
+        w = csv.DictWriter(f, fieldnames=columns or common.CSV_COLUMNS, lineterminator="\n", extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
 
@@ -1013,19 +1020,22 @@ class TestSummarize(unittest.TestCase):
             results_row(weights="random-init(seed=1)", seed="1", **{"acc@1": "12.00"})]
 
     def table_rows(self, text):
-        return [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| method")]
+        """The summary table's rows (the first table; the paired comparison comes later)."""
+        after_header = text.split("\n| method | settings |", 1)[1].split("\n\n", 1)[0]
+        return after_header.splitlines()[2:]  # skip the rest of the header line and the |---| line
 
     def test_groups_mean_and_sample_std(self):
         groups = summarize.summarize(summarize.read_results(self._csv(self.ROWS)))
         self.assertEqual(len(groups), 4)
-        lora224 = groups[0]
+        self.assertEqual(groups[0]["method"], "normtune")  # same experiment: NormTune before LoRA
+        self.assertIsNone(groups[0]["acc"][1])
+        lora224 = groups[1]
         self.assertEqual((lora224["method"], lora224["runs"]), ("lora", 3))
         self.assertAlmostEqual(lora224["acc"][0], 82.0)
         self.assertAlmostEqual(lora224["acc"][1], 2.0)  # ddof=1; the population std would be 1.633
         self.assertAlmostEqual(lora224["ece"][1], 1.0)
         self.assertAlmostEqual(lora224["epoch_s"], 100.0)
-        self.assertEqual(groups[1]["method"], "normtune")  # same experiment: LoRA, NormTune, Hybrid order
-        self.assertIsNone(groups[1]["acc"][1])
+        self.assertIsNone(lora224["val_acc"])  # blank optional columns are read as "not there"
         random_init = [g for g in groups if g["random_init"]]
         self.assertEqual(len(random_init), 1)  # the backbone seed is the run's seed, not a setting
         self.assertEqual(random_init[0]["runs"], 2)
@@ -1042,10 +1052,12 @@ class TestSummarize(unittest.TestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr)
         rows = self.table_rows(proc.stdout)
         self.assertEqual(len(rows), 4, proc.stdout)
-        self.assertTrue(rows[0].startswith("| LoRA | "), rows[0])
-        self.assertIn("img=224", rows[0])
-        self.assertIn("| 3 | 5.0993 | 82.00 ± 2.00 | 3.00 ± 1.00 | 1:40 |", rows[0])
-        self.assertIn("| 1 | 0.2086 | 70.00 ± – | 5.00 ± – |", rows[1])
+        self.assertTrue(rows[1].startswith("| LoRA | "), rows[1])
+        self.assertIn("img=224", rows[1])
+        self.assertIn("| 3 | 5.0993 | 82.00 ± 2.00 | 3.00 ± 1.00 | 1:40 |", rows[1])
+        self.assertTrue(rows[0].startswith("| NormTune | "), rows[0])
+        self.assertIn("| 1 | 0.2086 | 70.00 ± – | 5.00 ± – |", rows[0])
+        self.assertNotIn("val acc@1", proc.stdout)  # no run has validation numbers: no such column
         self.assertIn("img=112", rows[2])
         self.assertIn("| 60.00 ± – |", rows[2])
         self.assertIn("LoRA (random-init)", rows[3])
@@ -1099,6 +1111,322 @@ class TestSummarize(unittest.TestCase):
             self.assertTrue(data.startswith(b"\x89PNG"), name)
             self.assertGreater(len(data), 10_000, name)
         self.assertIn("no reliability diagram for 1 run", proc.stdout)
+
+    def test_plots_on_a_file_path_is_one_line_error(self):
+        path = self._csv(self.ROWS)
+        for target in (path, os.path.join(path, "sub")):  # a file, and a folder that would sit inside one
+            proc = run_summarize(path, "--plots", target)
+            self.assertIn(proc.returncode, (1, 2), proc.stderr)
+            self.assertNotIn("Traceback", proc.stderr)
+            self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
+            self.assertIn("--plots", proc.stderr)
+
+
+def lora_row(seed, acc, ece="3.00", **kw):
+    return results_row(seed=str(seed), **{"acc@1": str(acc), "ece": str(ece)}, **kw)
+
+
+def other_row(method, seed, acc, ece, **kw):
+    """A row of a method without LoRA flags (or with them, for hybrid), same shared settings as lora_row."""
+    no_lora = dict(lora_r="", lora_alpha="", lora_dropout="", lora_targets="") if method != "hybrid" else {}
+    return results_row(method=method, seed=str(seed), lr="0.005", **{"acc@1": str(acc), "ece": str(ece)},
+                       **dict(no_lora, **kw))
+
+
+def summary_table_lines(stdout, title):
+    """The rows of the Markdown table that follows the paragraph starting with `title`."""
+    section = stdout.split(title, 1)[1]
+    return [ln for ln in section.split("\n\n| ", 1)[1].split("\n\n", 1)[0].splitlines()[2:]]
+
+
+class TestStudentT(unittest.TestCase):
+    def test_known_quantiles(self):
+        for df, t in ((1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042)):  # printed t tables
+            self.assertAlmostEqual(summarize.t_quantile(0.975, df), t, places=3)
+        self.assertAlmostEqual(summarize.t_quantile(0.995, 3), 5.841, places=3)
+        self.assertAlmostEqual(summarize.t_quantile(0.975, 10 ** 7), 1.959964, places=5)  # -> normal
+
+    def test_cdf_and_symmetry(self):
+        self.assertAlmostEqual(summarize.t_cdf(0.0, 5), 0.5)
+        self.assertAlmostEqual(summarize.t_cdf(-2.0, 3), 0.0696630, places=6)
+        self.assertAlmostEqual(summarize.t_cdf(1.0, 1), 0.75)  # Cauchy: 1/2 + atan(1)/pi
+        self.assertAlmostEqual(summarize.t_quantile(0.025, 4), -summarize.t_quantile(0.975, 4))
+        with self.assertRaises(ValueError):
+            summarize.t_quantile(1.0, 3)
+
+
+class TestPairedComparison(unittest.TestCase):
+    T_975_2 = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom (3 pairs)
+    ROWS = ([lora_row(s, a, ece_ts="1.00") for s, a in enumerate((80, 82, 84))]
+            + [other_row("normtune", s, a, e) for s, (a, e) in enumerate(((70, 5), (73, 4), (73, 6)))]
+            + [other_row("hybrid", s, a, 2, ece_ts="0.50") for s, a in enumerate((85, 87.5, 89))]
+            + [other_row("linear", s, a, e) for s, (a, e) in enumerate(((60, 6), (61, 6.5), (62, 7)))]
+            + [other_row("full", s, a, 3) for s, a in enumerate((81, 81, 85))])
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.path = os.path.join(tmp.name, "r.csv")
+        write_results(self.path, self.ROWS)
+
+    def table(self, *args):
+        proc = run_summarize(self.path, *args)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return {tuple(c.strip() for c in ln.strip("|").split("|")[:2]): ln
+                for ln in summary_table_lines(proc.stdout, "Paired differences to")}
+
+    def test_mean_std_and_interval_by_hand(self):
+        groups = {g["method"]: g for g in summarize.summarize(summarize.read_results(self.path))}
+        diffs = np.array([70 - 80, 73 - 82, 73 - 84], dtype=float)  # NormTune - LoRA, seeds 0, 1, 2
+        mean, sd = diffs.mean(), diffs.std(ddof=1)
+        half = self.T_975_2 * sd / math.sqrt(3)
+        stats = summarize.paired_stats(summarize.paired_differences(groups["normtune"]["rows"],
+                                                                    groups["lora"]["rows"], "acc@1"))
+        self.assertEqual(stats["n"], 3)
+        self.assertAlmostEqual(stats["mean"], -10.0)
+        self.assertAlmostEqual(stats["std"], sd)
+        self.assertAlmostEqual(stats["ci"][0], mean - half, places=9)
+        self.assertAlmostEqual(stats["ci"][1], mean + half, places=9)
+        row = self.table()[("NormTune", "acc@1")]
+        self.assertIn(f"| 3 | -10.00 ± 1.00 | [{mean - half:+.2f}, {mean + half:+.2f}] | worse |", row)
+        self.assertIn("[-12.48, -7.52]", row)
+
+    def test_verdicts(self):
+        t = self.table()
+        self.assertTrue(t[("Hybrid", "acc@1")].endswith("| better |"), t[("Hybrid", "acc@1")])
+        self.assertTrue(t[("linear probe", "acc@1")].endswith("| worse |"))
+        self.assertTrue(t[("full fine-tune", "acc@1")].endswith("| not distinguishable from seed noise with 3 seeds |"))
+        # ECE: lower is better, so a difference that is surely below 0 is "better"
+        self.assertIn("| -1.00 ± 0.00 | [-1.00, -1.00] | better |", t[("Hybrid", "ECE")])
+        self.assertTrue(t[("linear probe", "ECE")].endswith("| worse |"))
+        self.assertTrue(t[("NormTune", "ECE")].endswith("| not distinguishable from seed noise with 3 seeds |"))
+        # ECE after temperature scaling: compared only where both sides have it
+        self.assertIn("| 3 | -0.50 ± 0.00 |", t[("Hybrid", "ECE after TS")])
+        self.assertNotIn(("NormTune", "ECE after TS"), t)
+        methods = list(dict.fromkeys(k[0] for k in t))
+        self.assertEqual(methods, ["linear probe", "NormTune", "Hybrid", "full fine-tune"])  # display order
+
+    def test_one_pair_has_no_interval(self):
+        write_results(self.path, self.ROWS[:3] + [other_row("normtune", 1, 70, 5)])
+        row = self.table()[("NormTune", "acc@1")]
+        self.assertIn("| 1 | -12.00 ± – |", row)
+        self.assertIn("no interval", row)
+        self.assertNotIn("better", row)
+
+    def test_reference_flag(self):
+        t = self.table("--reference", "normtune")
+        self.assertIn("| 3 | +10.00 ± 1.00 | [+7.52, +12.48] | better |", t[("LoRA", "acc@1")])
+        write_results(self.path, self.ROWS[:6])  # LoRA and NormTune only
+        for bad, words in (("nope", "unknown method"), ("hybrid", "no hybrid run")):
+            proc = run_summarize(self.path, "--reference", bad)
+            self.assertEqual(proc.returncode, 2, proc.stdout)
+            self.assertIn(words, proc.stderr)
+            self.assertNotIn("Traceback", proc.stderr)
+
+
+class TestBestLrOnValidation(unittest.TestCase):
+    # lr 0.003 has the better TEST accuracy, lr 0.001 the better VALIDATION accuracy; 0.003 comes first
+    ROWS = ([lora_row(s, a, lr="0.003", val_samples="5000", **{"val_acc@1": v, "val_ece": "2.0"})
+             for s, (a, v) in enumerate(((90, "70"), (91, "71"), (92, "72")))]
+            + [lora_row(s, a, lr="0.001", val_samples="5000", **{"val_acc@1": v, "val_ece": "1.0"})
+               for s, (a, v) in enumerate(((80, "80"), (82, "81"), (84, "82")))]
+            + [other_row("normtune", s, a, 5, val_samples="5000", **{"val_acc@1": "60"})
+               for s, a in enumerate((70, 73, 73))])
+
+    def run_on(self, rows):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        path = os.path.join(tmp.name, "r.csv")
+        write_results(path, rows)
+        proc = run_summarize(path)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return proc.stdout
+
+    def test_validation_chooses_not_test(self):
+        out = self.run_on(self.ROWS)
+        rows = summary_table_lines(out, "Best learning rate on validation")
+        self.assertEqual(len(rows), 2, out)
+        best = [r for r in rows if "**best**" in r]
+        self.assertEqual(len(best), 1)
+        self.assertIn("| 0.001 |", best[0])
+        self.assertIn("| 81.00 ± 1.00 | 1.00 ± 0.00 | 3 |", best[0])
+        # the paired comparison uses that group as the reference: NormTune - LoRA(lr=0.001)
+        self.assertIn("reference LoRA lr=0.001 (best val acc@1", out)
+        self.assertIn("| NormTune | acc@1 | 3 | -10.00 ± 1.00 |", out)
+        self.assertIn("val acc@1 %", out.split("Best learning rate")[0])  # the column in the summary table
+
+    def test_without_validation_numbers_no_choice(self):
+        rows = [dict(r, **{"val_acc@1": "", "val_ece": ""}) for r in self.ROWS]
+        out = self.run_on(rows)
+        self.assertNotIn("Best learning rate on validation", out)
+        self.assertIn("each is compared", out)
+        self.assertIn("| NormTune vs LoRA lr=0.003 | acc@1 |", out)
+        self.assertIn("| NormTune vs LoRA lr=0.001 | acc@1 |", out)
+
+
+class TestDuplicateRuns(unittest.TestCase):
+    def test_same_method_settings_seed_counted_once(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "r.csv")
+            write_results(path, [lora_row(0, 80), lora_row(1, 82), lora_row(0, 90),  # lines 2, 3, 4
+                                 lora_row(0, 60, img_size="112")])  # other settings: not a duplicate
+            proc = run_summarize(path)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            dup = [ln for ln in proc.stdout.splitlines() if ln.startswith("duplicates:")]
+            self.assertEqual(len(dup), 1, proc.stdout)
+            self.assertIn("seed 0: kept line 4, dropped line(s) 2", dup[0])
+            self.assertIn("3 run(s) in 2 group(s)", proc.stdout)
+            self.assertIn("| 2 | 5.0993 | 86.00 ± 5.66 |", proc.stdout)  # seeds 1 and 0 (the newer 90)
+
+
+class TestWriteNotes(unittest.TestCase):
+    BEFORE = "# Notes\r\n\nsome text ä — kept   \n\n## Results\n\n<!-- results:start -->\nold block\n"
+    AFTER = "<!-- results:end -->\n\ntail  \t\nno final newline"
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.dir = tmp.name
+        self.results = os.path.join(self.dir, "r.csv")
+        self.notes = os.path.join(self.dir, "notes.md")
+        write_results(self.results, TestSummarize.ROWS)
+        self.write_notes(self.BEFORE + self.AFTER)
+
+    def write_notes(self, text):
+        with open(self.notes, "wb") as f:
+            f.write(text.encode("utf-8"))
+
+    def block(self):
+        text = read_bytes(self.notes).decode("utf-8")
+        return text.split("<!-- results:start -->", 1)[1].split("<!-- results:end -->", 1)[0]
+
+    def test_only_the_block_changes(self):
+        proc = run_summarize(self.results, "--write-notes", self.notes)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        data = read_bytes(self.notes)
+        start = self.BEFORE.split("\nold block")[0].encode("utf-8")  # up to and including the start marker
+        self.assertTrue(data.startswith(start))
+        self.assertTrue(data.endswith(self.AFTER.encode("utf-8")))
+        block = self.block()
+        self.assertNotIn("old block", block)
+        self.assertIn("| 3 | 5.0993 | 82.00 ± 2.00 |", block)  # the pretrained LoRA group
+        self.assertIn("Paired differences to LoRA", block)
+        self.assertIn("`python summarize.py r.csv --write-notes notes.md`", block)  # how it was made
+        self.assertNotIn("random-init", block.split("never written here")[1])  # the 2 random-init rows are left out
+        self.assertNotIn("11.00 ±", block)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["notes.md", "r.csv"])  # no temp file left behind
+        # byte-stable: the same input gives the same bytes, and then nothing is written
+        again = run_summarize(self.results, "--write-notes", self.notes)
+        self.assertIn("already up to date", again.stdout)
+        self.assertEqual(read_bytes(self.notes), data)
+
+    def test_random_init_rows_only_keep_it_empty(self):
+        write_results(self.results, TestSummarize.ROWS[-2:])
+        proc = run_summarize(self.results, "--write-notes", self.notes)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        block = self.block()
+        self.assertIn("Empty", block)
+        self.assertNotRegex(block, r"\d+\.\d\d ± ")
+        self.assertNotIn("|", block)
+
+    def test_bad_markers_leave_the_file_untouched(self):
+        for text in ("no markers at all\n",
+                     self.BEFORE + "<!-- results:start -->\n" + self.AFTER,          # start twice
+                     "<!-- results:end -->\nx\n<!-- results:start -->\n"):         # out of order
+            self.write_notes(text)
+            proc = run_summarize(self.results, "--write-notes", self.notes)
+            self.assertEqual(proc.returncode, 1, proc.stdout)
+            self.assertIn("results:start", proc.stderr)
+            self.assertIn("untouched", proc.stderr)
+            self.assertNotIn("Traceback", proc.stderr)
+            self.assertEqual(read_bytes(self.notes), text.encode("utf-8"))
+        proc = run_summarize(self.results, "--write-notes", self.notes + ".missing")
+        self.assertEqual(proc.returncode, 2)
+
+    def test_failed_write_leaves_the_old_file(self):
+        os.chmod(self.notes, 0o640)
+        before = read_bytes(self.notes)
+        text = before.decode("utf-8")
+        with unittest.mock.patch("os.replace", side_effect=OSError("disk full")):
+            with self.assertRaises(summarize.RunError):
+                summarize.write_notes(self.notes, text, "new block")
+        self.assertEqual(read_bytes(self.notes), before)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["notes.md", "r.csv"])  # the temp file was removed
+        self.assertTrue(summarize.write_notes(self.notes, text, "new block"))
+        self.assertEqual(self.block(), "\r\nnew block\r\n")  # the file has CRLF somewhere: kept for the block
+        self.assertEqual(os.stat(self.notes).st_mode & 0o777, 0o640)
+
+
+class TestOldAndExcelResultsFiles(unittest.TestCase):
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.path = os.path.join(tmp.name, "r.csv")
+
+    def test_old_28_column_file_read_and_appended_in_its_own_columns(self):
+        write_results(self.path, TestSummarize.ROWS[:3], columns=common.OLD_COLUMNS)
+        proc = run_summarize(self.path)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("| 3 | 5.0993 | 82.00 ± 2.00 |", proc.stdout)
+        before = read_bytes(self.path)
+        self.assertEqual(common.check_results_file(self.path), common.OLD_COLUMNS)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            note = common.append_result(self.path, results_row(seed="3", val_samples="5000", run_key="abc"))
+        self.assertEqual(out.getvalue().count("note:"), 1)  # said once
+        for word in ("val_acc@1", "run_key", "--results"):
+            self.assertIn(word, note)
+        data = read_bytes(self.path)
+        self.assertTrue(data.startswith(before))  # nothing rewritten
+        rows = read_rows(self.path)
+        self.assertEqual(rows[0], common.OLD_COLUMNS)
+        self.assertEqual(len(rows[-1]), 28)
+        self.assertEqual(rows[-1][common.OLD_COLUMNS.index("seed")], "3")
+        # this version's layout: all 38 columns, no note
+        os.remove(self.path)
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.assertEqual(common.append_result(self.path, results_row(run_key="abc")), "")
+        self.assertEqual(read_rows(self.path)[1][-1], "abc")
+
+    def test_byte_order_mark_is_read_and_appended_to(self):
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=common.CSV_COLUMNS, lineterminator="\r\n")  # as Excel writes it
+        w.writeheader()
+        w.writerows(TestSummarize.ROWS[:3])
+        with open(self.path, "wb") as f:
+            f.write(b"\xef\xbb\xbf" + buf.getvalue().encode("utf-8"))
+        proc = run_summarize(self.path)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("| 3 | 5.0993 | 82.00 ± 2.00 |", proc.stdout)
+        self.assertEqual(common.check_results_file(self.path), common.CSV_COLUMNS)
+        before = read_bytes(self.path)
+        common.append_result(self.path, results_row(seed="7"))
+        self.assertTrue(read_bytes(self.path).startswith(before))
+        rows = results_file.read_rows(self.path)
+        self.assertEqual([r["seed"] for r in rows], ["0", "1", "2", "7"])
+        self.assertEqual(rows[0]["ts"], "2024-01-01T00:00:00")  # the first column's name lost its BOM
+
+    def test_semicolons_refused_by_every_script_with_the_cause(self):
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.write(";".join(common.CSV_COLUMNS) + "\n" + ";".join(results_row().values()) + "\n")
+        before = read_bytes(self.path)
+        for check in (common.check_results_file, lambda p: common.append_result(p, results_row())):
+            with self.assertRaises(common.UsageError) as cm:
+                check(self.path)
+            self.assertIn("semicolons", str(cm.exception))
+            self.assertIn("Excel", str(cm.exception))
+        with self.assertRaises(results_file.RunError):
+            results_file.read_rows(self.path)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as cm:  # a train script's flags
+            common.parse_args("lora", "", ["--results", self.path])
+        self.assertEqual(cm.exception.code, 2)
+        self.assertIn("semicolons", err.getvalue())
+        proc = run_summarize(self.path)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("semicolons", proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+        self.assertEqual(read_bytes(self.path), before)
 
 
 class TestRunWeek1(unittest.TestCase):
@@ -1162,6 +1490,12 @@ class TestNotes(unittest.TestCase):
         self.assertEqual(b["lora"]["total"], 5526346 + 294912)
         self.assertEqual([f"{b[m]['pct']:.4f}" for m in ("lora", "normtune", "hybrid")],
                          ["5.0993", "0.2086", "5.2642"])
+        self.assertEqual([m for m, _ in summarize.param_rows()], ["linear", "normtune", "lora", "hybrid", "full"])
+        lin = b["linear"]
+        self.assertEqual((lin["lora"], lin["norm"], lin["head"], lin["trainable"], lin["total"]),
+                         (0, 0, 1930, 1930, 5526346))
+        self.assertEqual(f"{lin['pct']:.4f}", "0.0349")
+        self.assertEqual(b["full"]["trainable"], b["full"]["total"])
 
     def test_results_table_has_no_random_init_numbers(self):
         block = self.block("results")
