@@ -641,7 +641,9 @@ class TestBadFlags(unittest.TestCase):
             self.assertIn("does not exist", self.parse_error("lora", "--results", os.path.join(f.name, "r.csv")))
 
     def test_good_flags_parse(self):
-        args = common.parse_args("hybrid", "", ["--lora-targets", "qkv,fc2", "--lr", "3e-4", "--img-size", "112"])
+        with tempfile.TemporaryDirectory() as tmp:  # never the tracked results_week1.csv: it is the user's log
+            args = common.parse_args("hybrid", "", ["--lora-targets", "qkv,fc2", "--lr", "3e-4", "--img-size", "112",
+                                                    "--results", os.path.join(tmp, "r.csv")])
         self.assertEqual((args.lora_targets, args.lr, args.img_size, args.epochs), (("qkv", "fc2"), 3e-4, 112, 1))
 
 
@@ -1745,3 +1747,321 @@ class TestBench(unittest.TestCase):
                              common.param_breakdown(apply_method(vit(), name)), method)
         full = common.param_breakdown(bench.suite_model("full fine-tune", 32))
         self.assertEqual(full["trainable"], full["total"])
+
+
+# ----------------------------------------------------------------------------- issues 9 and 10: baselines, backbones,
+# learning-rate groups, validation split, temperature scaling
+
+REAL_WEIGHTS = os.environ.get("DEIT_TINY_WEIGHTS", os.path.join(
+    HERE, "..", "shared", "weights", "deit_tiny_patch16_224.in1k_lnq.safetensors"))
+needs_real_weights = unittest.skipUnless(os.path.isfile(REAL_WEIGHTS),
+                                         f"real DeiT-tiny weights not found at {REAL_WEIGHTS}")
+
+
+def parsed(method, *argv, tmp=None):
+    """common.parse_args with a throw-away results file (never the user's results_week1.csv)."""
+    tmp = tmp or tempfile.gettempdir()
+    return common.parse_args(method, "", [*argv, "--results", os.path.join(tmp, "parsed_r.csv")])
+
+
+class TestBaselines(unittest.TestCase):
+    def test_linear_probe_trains_exactly_the_head(self):
+        model = evaluate.apply_method(vit(img_size=224), "linear")
+        b = common.param_breakdown(model)
+        self.assertEqual((b["lora"], b["norm"], b["head"], b["trainable"]), (0, 0, 1930, 1930))
+        self.assertEqual([n for n, p in model.named_parameters() if p.requires_grad], ["head.weight", "head.bias"])
+        self.assertEqual(f"{b['pct']:.4f}", "0.0349")
+
+    def test_full_fine_tune_trains_everything(self):
+        model = evaluate.apply_method(vit(img_size=224), "full")
+        b = common.param_breakdown(model)
+        self.assertEqual(b["trainable"], b["total"])
+        self.assertEqual(b["total"], 5_526_346)
+
+    def test_linear_has_no_head_or_lora_flags(self):
+        for flag in ("--no-train-head", "--head-lr", "--lora-r", "--norm-lr"):
+            with self.assertRaises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+                parsed("linear", flag, "1") if flag != "--no-train-head" else parsed("linear", flag)
+
+    def test_parameter_counts_identical_for_both_backbones(self):
+        counts = []
+        for name in common.BACKBONES:
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False, num_classes=10, img_size=224)
+            model.requires_grad_(False)
+            counts.append([common.param_breakdown(apply_method(copy.deepcopy(model), m)) for m in
+                           ("normtune", "lora", "hybrid", "full")])
+        self.assertEqual(counts[0], counts[1])
+
+
+class TestLearningRateGroups(unittest.TestCase):
+    def lrs_of(self, method, *argv):
+        args = parsed(method, *argv)
+        model = vit()
+        evaluate.apply_method(model, method)
+        opt, _ = common.make_optimizer(model, args.lrs, args.weight_decay, 10)
+        named = {id(p): n for n, p in model.named_parameters()}
+        out = {}
+        for g in opt.param_groups:  # every parameter's (rate, decay), by its name
+            for p in g["params"]:
+                self.assertNotIn(named[id(p)], out)  # in one group only
+                out[named[id(p)]] = (g["initial_lr"], g["weight_decay"])
+        self.assertEqual(set(out), {n for n, p in model.named_parameters() if p.requires_grad})
+        return args, out
+
+    def test_hybrid_norms_at_their_own_rate(self):
+        args, rates = self.lrs_of("hybrid", "--lr", "2e-3", "--norm-lr", "7e-3", "--head-lr", "3e-2")
+        self.assertEqual(args.lrs, {"lora": 2e-3, "norm": 7e-3, "head": 3e-2})
+        self.assertEqual(rates["blocks.0.attn.qkv.lora_A"], (2e-3, 0.01))
+        self.assertEqual(rates["blocks.0.norm1.weight"], (7e-3, 0.0))   # never decayed
+        self.assertEqual(rates["norm.bias"], (7e-3, 0.0))
+        self.assertEqual(rates["head.weight"], (3e-2, 0.01))
+        self.assertEqual(rates["head.bias"], (3e-2, 0.0))
+
+    def test_normtune_lr_is_the_norm_rate(self):
+        args, rates = self.lrs_of("normtune", "--lr", "4e-3")
+        self.assertEqual(rates["blocks.5.norm2.weight"][0], 4e-3)
+        self.assertEqual(rates["head.weight"][0], common.DEFAULT_LRS["normtune"]["head"])
+
+    def test_full_backbone_at_lr_head_at_head_lr(self):
+        args, rates = self.lrs_of("full", "--lr", "5e-5")
+        self.assertEqual(rates["blocks.3.mlp.fc1.weight"], (5e-5, 0.01))
+        self.assertEqual(rates["blocks.3.norm1.weight"], (5e-5, 0.0))
+        self.assertEqual(rates["patch_embed.proj.weight"][0], 5e-5)
+        self.assertEqual(rates["head.weight"][0], common.DEFAULT_LRS["full"]["head"])
+        self.assertEqual(len(rates), len(list(vit().parameters())))
+
+    def test_every_method_has_a_default_per_group_it_trains(self):
+        for method in common.METHODS:
+            args = parsed(method)
+            self.assertEqual(args.lrs, common.DEFAULT_LRS[method], method)
+            self.assertEqual(args.lr, common.DEFAULT_LRS[method][common.main_group(method)])
+
+
+class TestLoRAFlagsNormalised(unittest.TestCase):
+    def test_order_does_not_matter(self):
+        self.assertEqual(parsed("lora", "--lora-targets", "proj,qkv").lora_targets, ("qkv", "proj"))
+        self.assertEqual(parsed("lora", "--lora-targets", "fc2, qkv").lora_targets, ("qkv", "fc2"))
+
+    def test_repeated_target_refused(self):
+        err = io.StringIO()
+        with self.assertRaises(SystemExit) as cm, contextlib.redirect_stderr(err):
+            parsed("lora", "--lora-targets", "qkv,qkv")
+        self.assertEqual(cm.exception.code, 2)
+        self.assertIn("more than once", err.getvalue())
+
+    def test_rank_above_min_in_out_refused(self):
+        self.assertEqual(parsed("hybrid", "--lora-r", "192").lora_r, 192)
+        err = io.StringIO()
+        with self.assertRaises(SystemExit) as cm, contextlib.redirect_stderr(err):
+            parsed("hybrid", "--lora-r", "193")
+        self.assertEqual(cm.exception.code, 2)
+        self.assertIn("min(in, out) = 192", err.getvalue())
+        with self.assertRaises(ValueError):  # the layer itself refuses too
+            lora.LoRALinear(nn.Linear(12, 7), r=8)
+
+
+class TestValidationSplit(unittest.TestCase):
+    labels = torch.arange(600) % 10
+
+    def test_disjoint_balanced_and_the_same_for_every_seed(self):
+        train0, val0 = common.split_indices(self.labels, 100, 50, seed=0)
+        train1, val1 = common.split_indices(self.labels, 100, 50, seed=1)
+        self.assertTrue(torch.equal(val0, val1))                      # val does not move with --seed
+        self.assertFalse(torch.equal(train0, train1))                 # the training subset does
+        for train in (train0, train1):
+            self.assertEqual(len(set(train.tolist()) & set(val0.tolist())), 0)
+            self.assertEqual(torch.bincount(self.labels[train]).tolist(), [10] * 10)
+        self.assertEqual(torch.bincount(self.labels[val0]).tolist(), [5] * 10)
+
+    def test_all_but_val_when_no_train_samples(self):
+        train, val = common.split_indices(self.labels, None, 100, seed=3)
+        self.assertEqual(len(train) + len(val), 600)
+        self.assertEqual(sorted(train.tolist() + val.tolist()), list(range(600)))
+        train, val = common.split_indices(self.labels, None, 0, seed=3)
+        self.assertEqual((len(train), len(val)), (600, 0))
+
+    @needs_real_data
+    def test_test_subset_does_not_depend_on_the_seed(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            subsets = []
+            for seed in ("0", "1"):
+                args = parsed("normtune", "--data-dir", REAL_DATA, "--eval-samples", "30", "--train-samples", "20",
+                              "--val-samples", "10", "--seed", seed, tmp=tmp)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    subsets.append(common.load_data(common.open_data(args), args))
+            (tr0, va0, te0), (tr1, va1, te1) = subsets
+            self.assertTrue(torch.equal(te0.images, te1.images))
+            self.assertTrue(torch.equal(va0.images, va1.images))
+            self.assertFalse(torch.equal(tr0.images, tr1.images))
+            self.assertEqual(len(va0.labels), 10)
+
+
+class TestTemperatureScaling(unittest.TestCase):
+    def sample(self, true_temperature, n=20000, seed=0):
+        """Logits z, and labels drawn from softmax(z / true_temperature): calibrated at that T."""
+        rng = np.random.default_rng(seed)
+        z = rng.normal(0, 3, (n, 10))
+        p = common.softmax(z, true_temperature)
+        labels = (p.cumsum(axis=1) > rng.random((n, 1))).argmax(axis=1)
+        return z, labels
+
+    def test_calibrated_probabilities_give_t_near_1(self):
+        z, y = self.sample(1.0)
+        self.assertAlmostEqual(common.fit_temperature(z, y), 1.0, delta=0.05)
+
+    def test_overconfident_logits_give_t_above_1(self):
+        z, y = self.sample(2.0)
+        t = common.fit_temperature(z, y)
+        self.assertAlmostEqual(t, 2.0, delta=0.1)
+        z, y = self.sample(0.5)  # underconfident: T < 1
+        self.assertAlmostEqual(common.fit_temperature(z, y), 0.5, delta=0.03)
+
+    def test_minimises_nll_and_keeps_predictions(self):
+        z, y = self.sample(2.0, n=3000)
+        t = common.fit_temperature(z, y)
+        self.assertLess(common.nll(z, y, t), common.nll(z, y, 1.0))
+        for other in (t * 0.97, t * 1.03):  # a minimum, not just an improvement
+            self.assertLess(common.nll(z, y, t), common.nll(z, y, other))
+        self.assertTrue(np.array_equal(common.softmax(z, t).argmax(axis=1), z.argmax(axis=1)))
+        self.assertEqual(common.accuracy(common.softmax(z, t), y), common.accuracy(common.softmax(z), y))
+
+    def test_softmax_and_nll_are_the_formulas(self):
+        z = np.array([[1.0, 2.0, 0.5], [1000.0, 0.0, -5.0]])  # the second row overflows a naive exp
+        p = common.softmax(z, 2.0)
+        np.testing.assert_allclose(p[0], np.exp(z[0] / 2) / np.exp(z[0] / 2).sum())
+        np.testing.assert_allclose(p.sum(axis=1), 1.0)
+        self.assertAlmostEqual(common.nll(z[:1], [1]), -math.log(np.exp(2) / np.exp(z[0]).sum()))
+
+
+class TestBackboneAndSeed(unittest.TestCase):
+    """One --seed is one run however the weights arrive: download/cache, --weights, --no-pretrained."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.ckpt = os.path.join(cls.tmp.name, "vit.safetensors")
+        write_checkpoint(cls.ckpt)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def build(self, **kw):
+        torch.manual_seed(5)
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            model = common.build_model(model_args(img_size=32, **kw), num_classes=10)
+        lora.apply_lora(model)
+        return model, torch.rand(3), out.getvalue()
+
+    def test_same_head_lora_init_and_rng_on_every_path(self):
+        from_file, after_file, _ = self.build(weights=self.ckpt)
+        with unittest.mock.patch.object(common, "_cached_hub_file", return_value=self.ckpt):
+            from_cache, after_cache, _ = self.build()
+        random_init, after_random, _ = self.build(no_pretrained=True)
+        for other, after in ((from_cache, after_cache), (random_init, after_random)):
+            self.assertTrue(torch.equal(from_file.head.weight, other.head.weight))
+            self.assertTrue(torch.equal(from_file.blocks[4].mlp.fc1.lora_A, other.blocks[4].mlp.fc1.lora_A))
+            self.assertTrue(torch.equal(after_file, after))
+
+    def test_deit_backbone_uses_its_own_normalisation(self):
+        model, _, out = self.build(weights=self.ckpt, backbone="deit_tiny_patch16_224")
+        self.assertEqual(tuple(model.pretrained_cfg["mean"]), (0.485, 0.456, 0.406))
+        self.assertIn("mean (0.485, 0.456, 0.406) std (0.229, 0.224, 0.225)", out)
+        model, _, out = self.build(weights=self.ckpt)
+        self.assertEqual(tuple(model.pretrained_cfg["mean"]), (0.5, 0.5, 0.5))
+        self.assertIn("vit_tiny_patch16_224", out)
+        self.assertEqual(common.weights_source(model_args(backbone="deit_tiny_patch16_224")),
+                         "timm:deit_tiny_patch16_224.fb_in1k")
+
+
+@needs_real_weights
+class TestRealWeights(unittest.TestCase):
+    """The real DeiT-tiny file (../shared/weights): features that are not random."""
+
+    def images(self, n=4, size=224):
+        from PIL import Image
+        paths = [os.path.join(REAL_DATA, "test", c, sorted(os.listdir(os.path.join(REAL_DATA, "test", c)))[0])
+                 for c in ("airplane", "cat", "ship", "truck")[:n]]
+        x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
+        return common.to_model_input(x, size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+    @needs_real_data
+    def test_weights_flag_reproduces_timms_1000_class_logits(self):
+        from safetensors.torch import load_file
+        args = model_args(weights=REAL_WEIGHTS, backbone="deit_tiny_patch16_224")
+        with contextlib.redirect_stdout(io.StringIO()):
+            ours = common.build_model(args, num_classes=1000).eval()
+        timms = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+        timms.load_state_dict(load_file(REAL_WEIGHTS), strict=True)
+        x = self.images()
+        with torch.inference_mode():
+            a, b = ours(x), timms(x)
+        self.assertTrue(torch.equal(a, b))
+        self.assertEqual(a.shape, (4, 1000))
+
+    @needs_real_data
+    def test_adapted_model_starts_as_the_backbone(self):
+        args = model_args(weights=REAL_WEIGHTS, backbone="deit_tiny_patch16_224")
+        with contextlib.redirect_stdout(io.StringIO()):
+            torch.manual_seed(0)
+            plain = common.build_model(args, num_classes=10).eval()
+            torch.manual_seed(0)
+            adapted = common.build_model(args, num_classes=10)
+        evaluate.apply_method(adapted, "hybrid")
+        adapted.eval()
+        x = self.images()
+        with torch.inference_mode():
+            self.assertTrue(torch.equal(plain(x), adapted(x)))  # B = 0, norms and head as built
+
+    @needs_real_data
+    def test_short_real_run_learns_far_above_chance(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            results = os.path.join(tmp, "r.csv")
+            out = run_script("train_linear.py", "--data-dir", REAL_DATA, "--backbone", "deit_tiny_patch16_224",
+                             "--weights", REAL_WEIGHTS, "--img-size", "112", "--train-samples", "300",
+                             "--eval-samples", "200", "--epochs", "2", "--lr", "3e-2", "--results", results)
+            self.assertEqual(out.returncode, 0, out.stderr)
+            row = dict(zip(common.CSV_COLUMNS, read_rows(results)[1]))
+            self.assertGreater(float(row["acc@1"]), 50.0)  # chance is 10 %; random init gets ~20 % here
+            self.assertEqual(row["backbone"], "deit_tiny_patch16_224")
+
+
+@needs_real_data
+class TestChecksBeforeDecoding(unittest.TestCase):
+    """Mistakes surface before the (slow) decode of the images, and never start a download elsewhere."""
+
+    def run_norm(self, *flags):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = run_script("train_norm.py", "--img-size", "32", "--results", os.path.join(tmp, "r.csv"), *flags)
+        self.assertNotIn("Traceback", out.stderr)
+        self.assertNotIn("decoded in", out.stdout)
+        return out
+
+    def test_missing_weights_found_before_decoding(self):
+        out = self.run_norm("--data-dir", REAL_DATA, "--weights", "/no/such/file.safetensors")
+        self.assertEqual(out.returncode, 1)
+        self.assertIn("no such file", out.stderr)
+
+    def test_mistyped_data_dir_is_not_created(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            wrong = os.path.join(tmp, "cifr10")
+            out = self.run_norm("--data-dir", wrong, "--no-pretrained")
+            self.assertEqual(out.returncode, 2, out.stderr)
+            self.assertIn("does not exist", out.stderr)
+            self.assertFalse(os.path.exists(wrong))
+
+    def test_one_split_of_an_imagefolder_names_the_parent(self):
+        out = self.run_norm("--data-dir", os.path.join(REAL_DATA, "train"), "--no-pretrained")
+        self.assertEqual(out.returncode, 2, out.stderr)
+        self.assertIn("Pass its parent", out.stderr)
+        self.assertIn(f"--data-dir {os.path.normpath(REAL_DATA)}", out.stderr)
+
+    def test_folder_with_other_files_is_refused(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, "notes.txt"), "w") as f:
+                f.write("x")
+            out = self.run_norm("--data-dir", tmp, "--no-pretrained")
+            self.assertEqual(out.returncode, 2, out.stderr)
+            self.assertIn("only into an empty folder", out.stderr)
+            self.assertEqual(os.listdir(tmp), ["notes.txt"])
