@@ -1,5 +1,5 @@
 """python bench.py [--img-size 224] [--batch-size 32] [--steps 10]  ->  prints one table: training and
-evaluation images/s of LoRA, NormTune, Hybrid and a full fine-tune, in fp32 and (where this CPU has native
+evaluation images/s of the linear probe, NormTune, LoRA, Hybrid and a full fine-tune, in fp32 and (where this CPU has native
 bf16) bf16, each against the plain way measured in the same run; % of this machine's peak matmul FLOP/s;
 the projected time of one 50,000-image CIFAR-10 epoch; then merged vs unmerged LoRA evaluation and the
 data-preparation share of a training step.
@@ -38,8 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import evaluate
 import lora
-import normtune
 
 WARMUP = 2                     # untimed steps per setup (oneDNN builds its kernels on the first call)
 EPOCH_IMAGES = 50_000          # CIFAR-10 training split
@@ -116,14 +116,7 @@ def suite_model(method, img_size):
     """The model exactly as the train_*.py scripts build it (random init)."""
     model = plain_model(img_size)
     model.requires_grad_(False)                       # as common.build_model leaves it
-    if method in ("LoRA", "Hybrid"):
-        lora.apply_lora(model)                        # default r=8, alpha=16, qkv/proj/fc1/fc2
-    if method in ("NormTune", "Hybrid"):
-        normtune.apply_normtune(model)
-    common.set_head_trainable(model, True)
-    if method == "full fine-tune":                    # the baseline: every weight trains
-        model.requires_grad_(True)
-    return model
+    return evaluate.apply_method(model, METHOD_KEY[method])  # default r=8, alpha=16, qkv/proj/fc1/fc2
 
 
 def suite_train_step(method, precision, batch, args):

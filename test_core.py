@@ -1728,7 +1728,7 @@ class TestBench(unittest.TestCase):
         precisions = ("fp32", "bf16") if common.cpu_has_native_bf16() else ("fp32",)
         lines = out.stdout.splitlines()
         self.assertTrue(any(ln.startswith("plain way (reference)  fp32") for ln in lines), out.stdout)
-        for name in ("plain backbone", "LoRA", "NormTune", "Hybrid", "full fine-tune", "LoRA unmerged"):
+        for name in ("plain backbone", "linear probe", "LoRA", "NormTune", "Hybrid", "full fine-tune", "LoRA unmerged"):
             for precision in precisions:
                 self.assertTrue(any(re.match(rf"{re.escape(name)} +{precision} ", ln) for ln in lines),
                                 f"no {name} {precision} row in:\n{out.stdout}")
@@ -1745,6 +1745,7 @@ class TestBench(unittest.TestCase):
         for method, name in (("LoRA", "lora"), ("NormTune", "normtune"), ("Hybrid", "hybrid")):
             self.assertEqual(common.param_breakdown(bench.suite_model(method, 32)),
                              common.param_breakdown(apply_method(vit(), name)), method)
+        self.assertEqual(common.param_breakdown(bench.suite_model("linear probe", 32))["trainable"], 1930)
         full = common.param_breakdown(bench.suite_model("full fine-tune", 32))
         self.assertEqual(full["trainable"], full["total"])
 
