@@ -1,8 +1,8 @@
 """python bench.py [--img-size 224] [--batch-size 32] [--steps 10]  ->  prints one table: training and
-evaluation images/s of the linear probe, NormTune, LoRA, Hybrid and a full fine-tune, in fp32 and (where this CPU has native
-bf16) bf16, each against the plain way measured in the same run; % of this machine's peak matmul FLOP/s;
-the projected time of one 50,000-image CIFAR-10 epoch; then merged vs unmerged LoRA evaluation and the
-data-preparation share of a training step.
+evaluation images/s of the linear probe, NormTune, LoRA, Hybrid and a full fine-tune, in fp32 and (where
+this CPU has native bf16) bf16, each against the plain way measured in the same run; % of this machine's
+peak matmul FLOP/s; the projected time of one 50,000-image CIFAR-10 epoch; then merged vs unmerged LoRA
+evaluation and the data-preparation share of a training step.
 
 A benchmark, not a test: random images and random-init weights, no data, no downloads, no results file.
 About 2 minutes at the defaults on 2 quiet cores (longer on a busy machine).
