@@ -202,11 +202,13 @@ def main():
     torch.manual_seed(0)
     native = common.cpu_has_native_bf16()
     precisions = ("fp32", "bf16") if native else ("fp32",)
-    print(f"machine: {common.cpu_name() or platform.machine()}, {threads} threads (physical cores), native bf16: {'yes' if native else 'no'}")
+    print(f"machine: {common.cpu_name() or platform.machine()}, {threads} threads (physical cores), "
+          f"native bf16: {'yes' if native else 'no'}")
     print(f"software: torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}, "
           f"{platform.system()} {platform.machine()}")
     print(f"setting: {common.BACKBONE}, random init, {args.img_size} px, batch {args.batch_size}, "
-          f"median of {args.steps} steps after {WARMUP} warm-up steps", flush=True)
+          f"median of {args.steps} steps after {WARMUP} warm-up steps (speed depends on the architecture, not "
+          f"the weights: it holds for every --backbone, {' and '.join(common.BACKBONES)} alike)", flush=True)
 
     images = torch.randint(0, 256, (args.batch_size, 3, 32, 32), dtype=torch.uint8)  # CIFAR-sized, uint8
     labels = torch.randint(0, 10, (args.batch_size,))
