@@ -876,6 +876,18 @@ class TestAdapterRebuild(unittest.TestCase):
             self.assertFalse(torch.equal(other.state_dict()["blocks.0.attn.qkv.weight"],
                                          state["blocks.0.attn.qkv.base.weight"]))
 
+    def test_deit_backbone_linear_and_full_adapters(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            for method in ("linear", "full"):
+                path, state, _ = trained_adapter(tmp, method, "--no-pretrained", "--backbone", "deit_tiny_patch16_224")
+                adapter = evaluate.load_adapter(path)
+                self.assertEqual(adapter["settings"]["backbone"], "deit_tiny_patch16_224")
+                model = rebuilt(path)
+                self.assertEqual(tuple(model.pretrained_cfg["mean"]), (0.485, 0.456, 0.406))  # DeiT's, not 0.5
+                self.assert_same_state(model.state_dict(), state)
+                n = sum(t.numel() for t in adapter["state"].values())
+                self.assertEqual(n, 1930 if method == "linear" else sum(t.numel() for t in state.values()))
+
     def test_frozen_head_and_normtune_adapter(self):
         with tempfile.TemporaryDirectory() as tmp:
             path, state, _ = trained_adapter(tmp, "normtune", "--no-pretrained", "--no-train-head", seed=5)
