@@ -4,9 +4,14 @@ progress and `acc@1 .. % ece .. %`, and appends one row to results_week1.csv.
 Hybrid: the LoRA factors of every qkv/proj/fc1/fc2 layer and the 25 LayerNorms train together, plus
 the new 10-class head (unless --no-train-head). See lora.py and normtune.py.
 """
-import common
-import lora
-import normtune
+import sys
+
+try:  # Ctrl-C while torch is still loading (a few seconds): exit 130, no traceback
+    import common
+    import lora
+    import normtune
+except KeyboardInterrupt:
+    sys.exit(130)
 
 
 def main():

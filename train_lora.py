@@ -4,8 +4,13 @@
 LoRA: every qkv/proj/fc1/fc2 nn.Linear of the 12 blocks gets a trainable B·A·(alpha/r) beside its
 frozen weight; the new 10-class head trains too (unless --no-train-head). See lora.py.
 """
-import common
-import lora
+import sys
+
+try:  # Ctrl-C while torch is still loading (a few seconds): exit 130, no traceback
+    import common
+    import lora
+except KeyboardInterrupt:
+    sys.exit(130)
 
 
 def main():

@@ -4,8 +4,13 @@
 NormTune: only the weight and bias of the 25 LayerNorms train (9,600 numbers), plus the new 10-class
 head (unless --no-train-head). See normtune.py.
 """
-import common
-import normtune
+import sys
+
+try:  # Ctrl-C while torch is still loading (a few seconds): exit 130, no traceback
+    import common
+    import normtune
+except KeyboardInterrupt:
+    sys.exit(130)
 
 
 def main():
