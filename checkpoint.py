@@ -31,6 +31,8 @@ from typing import Optional
 import torch
 
 FORMAT = 1  # bump when the file's layout changes: older files are then refused as unreadable
+REQUIRED = {"format", "settings", "run_key", "trainable", "optimizer", "scheduler", "data_rng", "torch_rng",
+            "progress"}
 # Flags that don't change a run's numbers: they are not part of its settings, so they may differ between
 # the interrupted command and the one that resumes it.
 NOT_SETTINGS = ("threads", "compile", "results", "save_adapter", "checkpoint_every", "resume", "run_state")
@@ -41,7 +43,7 @@ class Refused(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM during training: progress was saved; exit code 128 + the signal's number."""
+    """Ctrl-C or SIGTERM stopped training at a step boundary; exit code 128 + the signal's number."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -172,10 +174,6 @@ def atomic_save(obj, path):
             os.close(fd)
 
 
-REQUIRED = {"format", "settings", "run_key", "trainable", "optimizer", "scheduler", "data_rng", "torch_rng",
-            "progress"}
-
-
 def load(path, args) -> dict:
     """Read a checkpoint and check that it continues this run; Refused (exit 2) otherwise."""
     start_over = f"delete it and run the same command without --resume to start this run over: rm {shlex.quote(path)}"
@@ -255,7 +253,7 @@ def restore(path, args, model, opt, sched, g: torch.Generator) -> Progress:
     """Load the checkpoint into a model, optimizer and scheduler built exactly as at the start of the run, and
     set both RNGs; returns how far the run got."""
     ckpt = load(path, args)
-    trainable = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = ckpt["trainable"]
     if set(saved) != set(trainable) or any(saved[n].shape != p.shape for n, p in trainable.items()):
         raise Refused(f"--resume: the tensors in {path} do not fit this model (damaged, or written by another "

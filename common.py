@@ -837,7 +837,7 @@ def fit_and_report(model, train: Split, test: Split, dataset: str, args):
                 print(f"epoch {run.epoch}/{args.epochs}: mean loss {np.mean(run.losses):.6f}, {run.time_s:.1f}s "
                       f"({len(train.labels) / run.time_s:.1f} img/s)", flush=True)
                 run.finish_epoch()
-            saved = args.checkpoint_every and checkpoint.save(path, model, opt, sched, g, run, args)
+            saved = checkpoint.save(path, model, opt, sched, g, run, args) if args.checkpoint_every else False
             stop.saved()
             if stop.signum:
                 raise checkpoint.interrupted(stop.signum, path, saved, run.where(steps_per_epoch, args.epochs))
