@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
 import lora
 # The results CSV (columns, checks, append) and the two error classes live in the torch-free
 # results_file.py, which summarize.py shares; re-exported here as common.<name>.
@@ -65,15 +66,18 @@ def main_group(method: str) -> str:
 
 
 def main(run):
-    """Run a script's main(); turn our errors and Ctrl-C into one clear line and an exit code."""
+    """Run a script's main(); turn our errors and Ctrl-C into one clear message and an exit code."""
     try:
         run()
-    except UsageError as e:
+    except (UsageError, checkpoint.Refused) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except checkpoint.Interrupted as e:  # Ctrl-C / SIGTERM in the training loop: progress was saved
+        print(f"\n{e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("\ninterrupted (Ctrl-C): stopped before the end; no row was written to the results file.",
               file=sys.stderr)
@@ -127,6 +131,21 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
         if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
+
+
+class _ListFlags(argparse.Action):
+    """--list-flags (hidden): print each --flag with =1 if it takes a value, =0 if not, then exit.
+    run_week1.sh asks each script once, to give every script only the flags it takes."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for action in parser._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--"):
+                    print(f"{flag}={0 if action.nargs == 0 else 1}")
+        parser.exit()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -190,6 +209,16 @@ def build_parser(method: str, doc: str) -> argparse.ArgumentParser:
     g.add_argument("--results", default=DEFAULT_RESULTS, help="results CSV to append one row to")
     g.add_argument("--save-adapter", default=None, metavar="PATH",
                    help="save only the trained parameters + settings (for evaluate.py)")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint-every", type=_nonnegative_float, default=5.0, metavar="MIN",
+                   help="minutes of training between checkpoints, which are also written at the end of each epoch "
+                        "and on Ctrl-C/SIGTERM, in <results stem>_checkpoints/; 0 = no checkpoints")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the checkpoint of an interrupted run with the same settings")
+    g.add_argument("--run-state", action="store_true",
+                   help="print done, checkpoint or new (and the checkpoint file) for these settings, then exit "
+                        "without loading data or weights")
+    g.add_argument("--list-flags", action=_ListFlags, help=argparse.SUPPRESS)
     return p
 
 
@@ -228,6 +257,8 @@ def parse_args(method: str, doc: str, argv=None) -> argparse.Namespace:
                     f"{os.path.join(args.save_adapter, args.method + '.pt')}")
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             p.error(f"--save-adapter: folder {folder} does not exist or is not writable; create it or pick another path")
+    args.precision = resolve_precision(args.precision)  # the settings name what runs ("bf16"), not "auto"
+    checkpoint.check_before_start(args)  # run key; answers --run-state; never overwrites a checkpoint
     return args
 
 
@@ -732,17 +763,24 @@ def train_step(model, opt, sched, x, y, precision: str) -> torch.Tensor:
 
 
 def train_one_epoch(model, opt, sched, data: Split, args, epoch: int, g: torch.Generator, mean, std,
-                    log_every_s: float = 15.0) -> list:
-    """One pass over `data` in shuffled batches; returns the per-step losses."""
+                    order=None, losses=None, stop=None, log_every_s: float = 15.0):
+    """One pass over `data` in shuffled batches; returns (order, losses): its data order and per-step losses.
+
+    A pass can stop part-way and go on later. Between two steps it returns early when stop.due() (Ctrl-C,
+    SIGTERM or the time for a checkpoint); given back the order and losses it returned, with the weights, the
+    optimizer and both RNGs as they were, it continues from step len(losses) exactly as if it had not stopped.
+    log_every_s=0 logs every step with the loss in full precision (PEFT_LOG_EVERY_STEP=1, for comparing runs).
+    """
     model.train()
     set_kernels(model, args.precision, training=True)
     n, bs = len(data.labels), args.batch_size
     steps = math.ceil(n / bs)
-    perm = torch.randperm(n, generator=g)
-    losses, t0 = [], time.perf_counter()
+    order = torch.randperm(n, generator=g) if order is None else order
+    losses = list(losses or [])
+    start, t0 = len(losses), time.perf_counter()
     last_log = t0
-    for step in range(steps):
-        idx = perm[step * bs:(step + 1) * bs]
+    for step in range(start, steps):
+        idx = order[step * bs:(step + 1) * bs]
         x = to_model_input(random_crop_flip(data.images[idx], g), args.img_size, mean, std)
         y = data.labels[idx]
         loss = train_step(model, opt, sched, x, y, args.precision)
@@ -754,11 +792,31 @@ def train_one_epoch(model, opt, sched, data: Split, args, epoch: int, g: torch.G
         now = time.perf_counter()
         if now - last_log >= log_every_s or step + 1 == steps:
             done = min(n, (step + 1) * bs)
-            rate = done / (now - t0)
-            print(f"  epoch {epoch} step {step + 1}/{steps}  loss {loss.item():.4f}  {rate:.1f} img/s  "
+            rate = (done - start * bs) / (now - t0)
+            shown = f"{losses[-1]:.4f}" if log_every_s else repr(losses[-1])
+            print(f"  epoch {epoch} step {step + 1}/{steps}  loss {shown}  {rate:.1f} img/s  "
                   f"eta {format_duration((n - done) / rate)}", flush=True)
             last_log = now
-    return losses
+        if stop is not None and step + 1 < steps and stop.due():
+            break  # the caller saves a checkpoint, then stops or calls again
+    return order, losses
+
+
+def compile_warmup(net, model, data: Split, args, mean, std) -> float:
+    """Compile the training graph with a forward and backward pass on the first batch, before the training
+    clock starts; returns the seconds it took. No optimizer step, gradients cleared, RNG streams untouched,
+    so the run's numbers are those of a run without it."""
+    t0 = time.perf_counter()
+    net.train()
+    set_kernels(net, args.precision, training=True)
+    x = to_model_input(data.images[:args.batch_size], args.img_size, mean, std)
+    with torch.random.fork_rng(devices=[]):  # LoRA dropout draws from torch's RNG: give it back as it was
+        with autocast(args.precision):
+            logits = net(x)
+        F.cross_entropy(logits.float(), data.labels[:args.batch_size]).backward()
+    for p in model.parameters():
+        p.grad = None
+    return time.perf_counter() - t0
 
 
 @torch.inference_mode()
@@ -883,7 +941,7 @@ def save_adapter(path, model, args, meta: dict):
         settings["weights"] = os.path.abspath(os.path.expanduser(args.weights))
     meta = dict(meta, format=1, weights_source=weights_source(args),
                 weights_sha256=file_sha256(settings["weights"]) if args.weights else None)
-    torch.save(dict(state=state, settings=settings, meta=meta), path)
+    checkpoint.atomic_save(dict(state=state, settings=settings, meta=meta), path)  # an old file stays whole
 
 
 def file_sha256(path) -> str:
@@ -907,14 +965,35 @@ def fit_and_report(model, data: Data, args):
     net = torch.compile(model) if args.compile else model
     steps_per_epoch = math.ceil(len(train.labels) / args.batch_size)
     opt, sched = make_optimizer(model, args.lrs, args.weight_decay, args.epochs * steps_per_epoch)
-    g = torch.Generator().manual_seed(args.seed)
-    epoch_times = []
-    for epoch in range(1, args.epochs + 1):
-        t0 = time.perf_counter()
-        losses = train_one_epoch(net, opt, sched, train, args, epoch, g, mean, std)
-        epoch_times.append(time.perf_counter() - t0)
-        print(f"epoch {epoch}/{args.epochs}: mean loss {np.mean(losses):.6f}, {epoch_times[-1]:.1f}s "
-              f"({len(train.labels) / epoch_times[-1]:.1f} img/s)", flush=True)
+    g = torch.Generator().manual_seed(args.seed)  # data order and augmentation
+    args.compile_time_s = compile_warmup(net, model, train, args, mean, std) if args.compile else 0.0
+    if args.compile:
+        print(f"compile: warm-up {args.compile_time_s:.1f}s (not counted in train_time_s)")
+    path = checkpoint.file_for(args)
+    # a fresh run, or one continued from its checkpoint: weights, AdamW, schedule, both RNGs, losses, time
+    run = checkpoint.restore(path, args, model, opt, sched, g) if args.resume else checkpoint.Progress()
+    log_every_s = 0.0 if os.environ.get("PEFT_LOG_EVERY_STEP") == "1" else 15.0
+    with checkpoint.stop_on_signals(args.checkpoint_every) as stop:
+        if args.resume:
+            print(f"resumed {path} {run.where(steps_per_epoch, args.epochs)} "
+                  f"({sum(run.epoch_times) + run.time_s:.1f}s of training done)", flush=True)
+        if args.checkpoint_every:
+            print(f"training: checkpoints every {args.checkpoint_every:g} min, at each epoch's end and on "
+                  f"Ctrl-C/SIGTERM, in {path}", flush=True)
+        while run.epoch <= args.epochs:
+            t0 = time.perf_counter()
+            run.order, run.losses = train_one_epoch(net, opt, sched, train, args, run.epoch, g, mean, std,
+                                                    run.order, run.losses, stop, log_every_s)
+            run.time_s += time.perf_counter() - t0
+            if len(run.losses) == steps_per_epoch:
+                print(f"epoch {run.epoch}/{args.epochs}: mean loss {np.mean(run.losses):.6f}, {run.time_s:.1f}s "
+                      f"({len(train.labels) / run.time_s:.1f} img/s)", flush=True)
+                run.finish_epoch()
+            saved = checkpoint.save(path, model, opt, sched, g, run, args) if args.checkpoint_every else False
+            stop.saved()
+            if stop.signum:
+                raise checkpoint.interrupted(stop.signum, path, saved, run.where(steps_per_epoch, args.epochs))
+    epoch_times = run.epoch_times
 
     t0 = time.perf_counter()
     lora.merge_lora(model)  # one matmul per layer instead of three: evaluation at backbone speed
@@ -957,8 +1036,8 @@ def fit_and_report(model, data: Data, args):
         "calibration_file": write_calibration(args.results, ts, args.method, probs, labels, ece),
         "val_samples": args.val_samples, **extra,
         "head_lr": f"{lrs['head']:g}" if "head" in lrs else "", "norm_lr": f"{lrs['norm']:g}" if "norm" in lrs else "",
-        "compile_time_s": f"{getattr(args, 'compile_time_s', 0.0):.1f}" if args.compile else "",
-        "cpu": cpu_name(), "run_key": "",
+        "compile_time_s": f"{args.compile_time_s:.1f}" if args.compile else "",
+        "cpu": cpu_name(), "run_key": args.run_key,
     }
     try:
         append_result(args.results, row)
@@ -966,6 +1045,7 @@ def fit_and_report(model, data: Data, args):
         raise RunError(f"{e}\nThe finished run's row, for pasting by hand:\n"
                        + csv_line(CSV_COLUMNS) + csv_line(row[c] for c in CSV_COLUMNS))
     print(f"results: appended {args.method} row to {args.results}")
+    checkpoint.discard(args)  # the row is the run's result now
     if args.save_adapter:  # after the row: a full disk here must not cost the run's numbers
         try:
             save_adapter(args.save_adapter, model, args, dict(ts=ts, dataset=data.name, classes=train.classes,

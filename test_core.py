@@ -18,6 +18,9 @@ import sys
 import tempfile
 import time
 import re
+import shlex
+import shutil
+import textwrap
 import types
 import unittest
 import unittest.mock
@@ -28,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
 import common
 import evaluate
 import lora
@@ -763,11 +767,24 @@ class TestInterrupt(unittest.TestCase):
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=60)
             self.assertEqual(proc.returncode, 130, err)
-            self.assertIn("interrupted", err)
+            self.assertIn("interrupted (Ctrl-C)", err)
             self.assertNotIn("Traceback", err)
-            self.assertEqual(len(err.strip().splitlines()), 1)
+            self.assertLessEqual(len(err.strip().splitlines()), 2)  # one paragraph + the command that resumes
             self.assertNotIn("acc@1", out)  # it stopped during training, before evaluation
             self.assertFalse(os.path.exists(results))
+            # the step under way was finished and saved (TestResume checks that resuming it is exact)
+            self.assertIn("progress saved to", err)
+            self.assertTrue(err.strip().endswith("--resume"), err)
+            self.assertEqual(len(os.listdir(os.path.join(tmp, "r_checkpoints"))), 1)
+
+    def test_ctrl_c_while_torch_is_importing(self):
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train_norm.py"), "--no-pretrained"], cwd=HERE,
+                                env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.4)  # python is up, and most likely still in `import torch` (about a second)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 130, err)
+        self.assertNotIn("Traceback", err)
 
 
 class TestDeterminism(unittest.TestCase):
@@ -784,7 +801,7 @@ class TestDeterminism(unittest.TestCase):
         args = types.SimpleNamespace(batch_size=8, img_size=32, precision="fp32", lr=1e-3, weight_decay=0.01)
         opt, sched = common.make_optimizer(model, ALL_GROUPS_LR, 0.01, 6)
         g = torch.Generator().manual_seed(seed)
-        return [common.train_one_epoch(model, opt, sched, data, args, e, g, (0.5,) * 3, (0.5,) * 3)
+        return [common.train_one_epoch(model, opt, sched, data, args, e, g, (0.5,) * 3, (0.5,) * 3)[1]
                 for e in (1, 2)]
 
     def test_same_seed_same_loss_curve(self):
@@ -1444,8 +1461,8 @@ class TestOldAndExcelResultsFiles(unittest.TestCase):
 
 
 class TestRunWeek1(unittest.TestCase):
-    def run_week1(self, *args, timeout=300):
-        env = dict(offline_env(), PYTHON=sys.executable)
+    def run_week1(self, *args, timeout=300, home=None):
+        env = dict(offline_env(), PYTHON=sys.executable, **({"HOME": home} if home else {}))
         return subprocess.run(["bash", os.path.join(HERE, "run_week1.sh"), *args], cwd=HERE, env=env,
                               capture_output=True, text=True, timeout=timeout)
 
@@ -1453,35 +1470,387 @@ class TestRunWeek1(unittest.TestCase):
     def test_three_methods_same_flags_then_summary(self):
         with tempfile.TemporaryDirectory() as tmp:
             results = os.path.join(tmp, "r.csv")
-            flags = tiny_flags(results, "--no-pretrained")
+            flags = tiny_flags(results, "--no-pretrained", "--threads", "1", "--lora-r", "4")
             flags[flags.index("--train-samples") + 1] = flags[flags.index("--eval-samples") + 1] = "10"
-            proc = self.run_week1("--seeds", "5", "--", *flags)
+            # a stale checkpoint of the Hybrid run: --redo deletes it, and says so, instead of resuming it
+            stale = checkpoint.file_for(common.parse_args("hybrid", "", [*flags, "--seed", "5"]))
+            os.makedirs(os.path.dirname(stale))
+            with open(stale, "wb") as f:
+                f.write(b"stale")
+            i = flags.index("--results")
+            flags[i:i + 2] = ["--results=~/r.csv"]  # bash leaves this ~ alone: the sweep must expand it
+            proc = self.run_week1("--seeds", "5", "--lrs", "normtune=2e-3,5e-3", "--redo", "--", *flags, home=tmp)
             self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
             rows = [dict(zip(common.CSV_COLUMNS, r)) for r in read_rows(results)[1:]]
-            self.assertEqual([r["method"] for r in rows], ["lora", "normtune", "hybrid"])
+            self.assertEqual([(r["method"], r["lr"], r["lora_r"]) for r in rows],
+                             [("lora", "0.001", "4"), ("normtune", "0.002", ""), ("normtune", "0.005", ""),
+                              ("hybrid", "0.001", "4")])
             self.assertEqual({(r["seed"], r["img_size"], r["train_samples"], r["eval_samples"]) for r in rows},
                              {("5", "32", "10", "10")})
+            self.assertIn("note: --lora-r 4 is not passed to train_norm.py", proc.stdout)
+            self.assertIn(f"redo: deleting the checkpoint {stale}", proc.stdout)
+            self.assertIn("[4/4] train_hybrid.py --seed 5", proc.stdout)
             self.assertIn(f"summary of {results}", proc.stdout)
-            self.assertIn("| NormTune (random-init) |", proc.stdout)
-            self.assertIn("| 1 | 0.2100 |", proc.stdout)
+            self.assertIn("| NormTune (random-init) | lr=0.002 | 1 | 0.2100 |", proc.stdout)
+            self.assertIn("| NormTune (random-init) | lr=0.005 | 1 | 0.2100 |", proc.stdout)
 
     def test_stops_at_first_failure(self):
         with tempfile.TemporaryDirectory() as tmp:
             results = os.path.join(tmp, "r.csv")
-            proc = self.run_week1("--seeds", "0", "1", "--", "--no-pretrained", "--results", results, "--bogus")
-            self.assertEqual(proc.returncode, 2)  # argparse's exit code from the first script
+            proc = self.run_week1("--seeds", "0", "1", "--", "--no-pretrained", "--results", results,
+                                  "--data-dir", tmp)  # no data there, and no network
+            self.assertEqual(proc.returncode, 1)  # the first script's exit code
             self.assertIn("[1/6] train_lora.py", proc.stdout)
             self.assertNotIn("[2/6]", proc.stdout)
             self.assertNotIn("summary", proc.stdout)
-            self.assertIn("train_lora.py --seed 0 failed", proc.stderr)
+            self.assertIn("train_lora.py --seed 0 failed (exit 1)", proc.stderr)
             self.assertFalse(os.path.exists(results))
 
     def test_usage_errors(self):
-        for args in (["--", "--seed", "3"], ["--seeds", "x"], ["--epochs", "1"], ["--seeds", "--", "--epochs", "1"]):
+        for args, message in [(["--", "--seed", "3"], "--seeds"), (["--seeds", "x"], "whole numbers"),
+                              (["--epochs", "1"], "unknown option"), (["--seeds", "--", "--epochs", "1"], "--seeds"),
+                              (["--lrs", "lora"], "METHOD=LR"), (["--lrs", "lora=1e-3,,3e-3"], "METHOD=LR"),
+                              (["--lrs", "full=1e-4"], "--baselines"), (["--lrs", "lora=1", "lora=2"], "twice"),
+                              (["--lrs", "lora=1e-3", "--", "--lr", "3e-3"], "one rate for every method"),
+                              (["--", "--resume"], "re-running the same command resumes"),
+                              (["--", "--bogus"], "no training script takes --bogus"),
+                              (["--", "--epochs"], "--epochs needs a value")]:
             proc = self.run_week1(*args)
             self.assertEqual(proc.returncode, 2, args)
             self.assertIn("error:", proc.stderr)
+            self.assertIn(message, proc.stderr)
             self.assertNotIn("===", proc.stdout)
+
+
+# ----------------------------------------------------------------------------- issue 8: checkpoints, --resume,
+# a resumable sweep
+
+STEP_LINE = re.compile(r"^  epoch (\d+) step (\d+)/\d+  loss (\S+)", re.M)
+TIMING_COLUMNS = {"ts", "train_time_s", "time_per_epoch_s", "eval_time_s", "calibration_file"}
+
+
+def step_losses(*outputs) -> dict:
+    """{(epoch, step): loss text} from runs with PEFT_LOG_EVERY_STEP=1 (full precision); a step logged by two
+    pieces of one run must show the same loss."""
+    losses = {}
+    for out in outputs:
+        for e, s, loss in STEP_LINE.findall(out):
+            assert losses.setdefault((int(e), int(s)), loss) == loss, (e, s)
+    return losses
+
+
+def step_env():
+    return dict(offline_env(), PEFT_LOG_EVERY_STEP="1")
+
+
+def run_until_training_then(signum, argv, env=None):
+    """Start a training process, send it `signum` as soon as its training loop is ready for it (the
+    'training:' line, printed once the signal handlers are in place), -> (exit code, stdout, stderr)."""
+    proc = subprocess.Popen(argv, cwd=HERE, env=env or step_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("training:"):
+            proc.send_signal(signum)
+            break
+    rest, err = proc.communicate(timeout=120)
+    return proc.returncode, "".join(out) + rest, err
+
+
+def same_run_columns(row):
+    return {k: v for k, v in row.items() if k not in TIMING_COLUMNS}
+
+
+def tiny_model_run(seed=0, steps=3, epochs=2, precision="fp32"):
+    """A Hybrid model with LoRA dropout (torch's RNG), its optimizer, scheduler, data and generator, as
+    fit_and_report sets them up."""
+    torch.manual_seed(seed)
+    model = timm.create_model(common.BACKBONE, pretrained=False, num_classes=10, img_size=32)
+    model.requires_grad_(False)
+    lora.apply_lora(model, dropout=0.1)
+    normtune.apply_normtune(model)
+    common.set_head_trainable(model, True)
+    data = common.Split(torch.randint(0, 256, (8 * steps, 3, 32, 32), dtype=torch.uint8,
+                                      generator=torch.Generator().manual_seed(seed)), torch.arange(8 * steps) % 10, [])
+    args = types.SimpleNamespace(batch_size=8, img_size=32, precision=precision, lr=1e-3, weight_decay=0.01)
+    opt, sched = common.make_optimizer(model, args, epochs * steps)
+    return model, opt, sched, data, args, torch.Generator().manual_seed(seed)
+
+
+class TestCheckpointFunctions(unittest.TestCase):
+    """checkpoint.py in-process: settings and key, the stop/continue contract of train_one_epoch, atomic writes."""
+
+    def parse(self, method="hybrid", *argv, results="/nonexistent-folder-ok/r.csv"):
+        with unittest.mock.patch.object(common, "check_results_file"):  # no results file needed here
+            return common.parse_args(method, "", ["--results", results, "--data-dir", "d", *argv])
+
+    def test_settings_and_key(self):
+        a = self.parse("hybrid", "--lr", "3e-4", "--threads", "3", "--compile", "--checkpoint-every", "1")
+        self.assertNotIn("threads", a.run_settings)
+        self.assertNotIn("results", a.run_settings)
+        self.assertEqual(a.run_settings["data_dir"], os.path.abspath("d"))
+        self.assertIn(a.run_settings["precision"], ("fp32", "bf16"))  # resolved, never "auto"
+        self.assertEqual((a.run_settings["method"], a.run_settings["lr"]), ("hybrid", 3e-4))
+        self.assertEqual(len(a.run_key), 12)
+        # how or where it runs does not change the key; what it computes does
+        self.assertEqual(self.parse("hybrid", "--lr", "3e-4", results="/elsewhere/x.csv").run_key, a.run_key)
+        for other in (self.parse("hybrid", "--lr", "1e-3"), self.parse("lora", "--lr", "3e-4"),
+                      self.parse("hybrid", "--lr", "3e-4", "--seed", "1")):
+            self.assertNotEqual(other.run_key, a.run_key)
+        self.assertEqual(checkpoint.file_for(a), f"/nonexistent-folder-ok/r_checkpoints/hybrid_seed0_{a.run_key}.pt")
+        diff = checkpoint.describe_differences(dict(a.run_settings, lr=1e-3, epochs=3), a.run_settings)
+        self.assertEqual(diff, "--epochs 3 here, 1 in the checkpoint; --lr 0.001 here, 0.0003 in the checkpoint")
+
+    def test_has_row_needs_the_run_key_column(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "r.csv")
+            self.assertFalse(checkpoint.has_row(path, "abc"))
+            common.append_result(path, dict(fake_row(), run_key="abc"))
+            self.assertTrue(checkpoint.has_row(path, "abc"))
+            self.assertFalse(checkpoint.has_row(path, "abd"))
+            old = os.path.join(tmp, "old.csv")  # the 28-column layout: no row can be recognised
+            with open(old, "w") as f:
+                f.write(",".join(common.CSV_COLUMNS[:-1]) + "\n" + ",".join(["abc"] * 28) + "\n")
+            self.assertFalse(checkpoint.has_row(old, "abc"))
+
+    def test_stopped_epoch_continued_from_a_file_is_bit_identical(self):
+        def train(stop_after=None, path=None, precision="fp32"):
+            model, opt, sched, data, args, g = tiny_model_run(precision=precision)
+            run, losses = checkpoint.Progress(), []
+            # without a stop, one call per epoch; with one that is always due, the pass returns after every step
+            stop = None if stop_after is None else checkpoint.StopRequest(0.0)
+            while run.epoch <= 2:
+                run.order, run.losses = common.train_one_epoch(model, opt, sched, data, args, run.epoch, g,
+                                                               (0.5,) * 3, (0.5,) * 3, run.order, run.losses, stop)
+                if len(run.losses) == 3:
+                    losses += run.losses
+                    run.finish_epoch()
+                if len(losses) + len(run.losses) == stop_after:  # save; go on in a model built afresh
+                    a = types.SimpleNamespace(run_settings={"method": "hybrid"}, run_key="k")
+                    self.assertTrue(checkpoint.save(path, model, opt, sched, g, run, a))
+                    model, opt, sched, data, args, g = tiny_model_run(precision=precision)
+                    torch.manual_seed(123)  # a new process's RNG is wherever it is: restore must set it
+                    run = checkpoint.restore(path, a, model, opt, sched, g)
+                    stop_after = -1
+            return losses, {k: v.clone() for k, v in model.state_dict().items()}
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and immune to a busy machine
+        self.addCleanup(torch.set_num_threads, threads)
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+            ref_losses, ref_state = train()
+            for stop_after in (1, 3, 4):  # mid-epoch 1, between the epochs, mid-epoch 2
+                losses, state = train(stop_after, os.path.join(tmp, "c.pt"))
+                self.assertEqual(losses, ref_losses, stop_after)
+                for k in ref_state:
+                    self.assertTrue(torch.equal(state[k], ref_state[k]), (stop_after, k))
+            # bf16 autocast too: the same computation in the same order, so here also bit for bit
+            self.assertEqual(train(4, os.path.join(tmp, "c.pt"), "bf16")[0], train(precision="bf16")[0])
+        self.assertEqual(len(ref_losses), 6)
+
+    def test_compile_warmup_changes_nothing(self):
+        model, opt, sched, data, args, g = tiny_model_run()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        rng, g_state = torch.get_rng_state(), g.get_state()
+        seconds = common.compile_warmup(model, model, data, args, (0.5,) * 3, (0.5,) * 3)  # eager stands in
+        self.assertGreater(seconds, 0)
+        self.assertTrue(torch.equal(torch.get_rng_state(), rng))
+        self.assertTrue(torch.equal(g.get_state(), g_state))
+        self.assertTrue(all(p.grad is None for p in model.parameters()))
+        self.assertTrue(all(torch.equal(v, before[k]) for k, v in model.state_dict().items()))
+        self.assertEqual(opt.state_dict()["state"], {})
+
+    def test_write_killed_halfway_leaves_the_previous_checkpoint(self):
+        code = textwrap.dedent("""
+            import io, os, signal, sys, torch
+            import checkpoint
+            path = sys.argv[1]
+            checkpoint.atomic_save({"v": torch.arange(100000)}, path)
+            real_save = torch.save
+            def half_then_killed(obj, f):  # the power goes out half-way through the next write
+                buf = io.BytesIO()
+                real_save(obj, buf)
+                f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            torch.save = half_then_killed
+            checkpoint.atomic_save({"v": torch.arange(100000) * 2}, path)
+        """)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "c.pt")
+            proc = subprocess.run([sys.executable, "-c", code, path], cwd=HERE, capture_output=True, timeout=120)
+            self.assertEqual(proc.returncode, -signal.SIGKILL, proc.stderr)
+            self.assertGreater(os.path.getsize(path + ".tmp"), 0)  # the half-written new one
+            self.assertTrue(torch.equal(torch.load(path, weights_only=True)["v"], torch.arange(100000)))
+            checkpoint.atomic_save({"v": torch.ones(3)}, path)  # the next write goes through
+            self.assertTrue(torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(3)))
+            self.assertFalse(os.path.exists(path + ".tmp"))
+
+
+@needs_real_data
+class TestResume(unittest.TestCase):
+    """Real processes interrupted by real signals, then --resume: the numbers of an uninterrupted run."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.results = os.path.join(self.tmp.name, "r.csv")
+        self.ckpts = os.path.join(self.tmp.name, "r_checkpoints")
+        self.before = None  # the results file's bytes: none yet
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def flags(self, results, *extra):
+        return tiny_flags(results, "--no-pretrained", "--precision", "fp32", "--threads", "1", *extra)
+
+    def reference(self, script, *extra):
+        """The same run, never interrupted, into its own results file: -> (row, stdout)."""
+        ref = os.path.join(self.tmp.name, "ref.csv")
+        out = subprocess.run([sys.executable, os.path.join(HERE, script), *self.flags(ref, *extra)], cwd=HERE,
+                             env=step_env(), capture_output=True, text=True, timeout=180)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        return dict(zip(common.CSV_COLUMNS, read_rows(ref)[1])), out.stdout
+
+    def check_interrupted(self, code, out, err, where):
+        self.assertEqual(code, 130 if where.startswith("interrupted (Ctrl-C)") else 143, err)
+        self.assertNotIn("Traceback", err)
+        self.assertIn(where, err)
+        self.assertNotIn("acc@1", out)
+        self.assertEqual(read_bytes(self.results) if os.path.exists(self.results) else None, self.before)  # no row
+        (path,) = [os.path.join(self.ckpts, f) for f in os.listdir(self.ckpts)]
+        self.assertIn(f"progress saved to {path}", err)
+        command = err.strip().splitlines()[-1]
+        self.assertTrue(command.endswith(" --resume"), err)
+        return shlex.split(command), path
+
+    def test_sigint_mid_epoch_then_sigterm_between_epochs_then_resume(self):
+        extra = ("--epochs", "2", "--lora-dropout", "0.1")  # 2 steps per epoch; dropout draws from torch's RNG
+        ref_row, ref_out = self.reference("train_hybrid.py", *extra)
+        argv = [sys.executable, os.path.join(HERE, "train_hybrid.py"), *self.flags(self.results, *extra)]
+        code, out1, err = run_until_training_then(signal.SIGINT, argv)
+        resume, path = self.check_interrupted(code, out1, err, "interrupted (Ctrl-C) at epoch 1/2, step 1/2")
+        self.assertLess(os.path.getsize(path), 5_000_000)  # trainable tensors + AdamW moments, no backbone
+        self.assertTrue(path.endswith(f"hybrid_seed0_{ref_row['run_key']}.pt"))
+        code, out2, err = run_until_training_then(signal.SIGTERM, resume)
+        self.check_interrupted(code, out2, err, "stopped by SIGTERM after epoch 1 of 2")
+        self.assertIn("resumed", out2)
+        last = subprocess.run(resume, cwd=HERE, env=step_env(), capture_output=True, text=True, timeout=180)
+        self.assertEqual(last.returncode, 0, last.stderr)
+        self.assertIn("after epoch 1 of 2", last.stdout)
+        # the same losses step by step, and the same row, bit for bit in fp32
+        self.assertEqual(step_losses(out1, out2, last.stdout), step_losses(ref_out))
+        self.assertEqual(len(step_losses(ref_out)), 4)
+        rows = read_rows(self.results)
+        self.assertEqual(len(rows), 2)
+        row = dict(zip(common.CSV_COLUMNS, rows[1]))
+        self.assertEqual(same_run_columns(row), same_run_columns(ref_row))
+        self.assertGreater(float(row["train_time_s"]), 0)
+        self.assertFalse(os.path.exists(self.ckpts))  # deleted once the row was written
+
+    def test_sigterm_between_epochs_then_resume_with_adapter(self):
+        extra = ("--epochs", "3", "--batch-size", "20")  # one step per epoch: every stop is between epochs
+        ref_adapter, adapter = os.path.join(self.tmp.name, "ref.pt"), os.path.join(self.tmp.name, "a.pt")
+        ref_row, ref_out = self.reference("train_lora.py", *extra, "--save-adapter", ref_adapter)
+        argv = [sys.executable, os.path.join(HERE, "train_lora.py"), *self.flags(self.results, *extra)]
+        code, out1, err = run_until_training_then(signal.SIGTERM, argv)
+        resume, _ = self.check_interrupted(code, out1, err, "stopped by SIGTERM after epoch 1 of 3")
+        last = subprocess.run(resume + ["--save-adapter", adapter], cwd=HERE, env=step_env(), capture_output=True,
+                              text=True, timeout=180)
+        self.assertEqual(last.returncode, 0, last.stderr)
+        self.assertEqual(step_losses(out1, last.stdout), step_losses(ref_out))
+        row = dict(zip(common.CSV_COLUMNS, read_rows(self.results)[1]))
+        self.assertEqual(same_run_columns(row), same_run_columns(ref_row))
+        a, b = (torch.load(p, weights_only=True)["state"] for p in (adapter, ref_adapter))
+        self.assertEqual(set(a), set(b))
+        self.assertTrue(all(torch.equal(a[k], b[k]) for k in a))
+        with open(os.path.join(self.tmp.name, row["calibration_file"])) as f, \
+                open(os.path.join(self.tmp.name, ref_row["calibration_file"])) as g:
+            self.assertEqual({k: v for k, v in json.load(f).items() if k != "ts"},
+                             {k: v for k, v in json.load(g).items() if k != "ts"})
+
+    def test_refusals_leave_everything_as_it_was(self):
+        common.append_result(self.results, fake_row())
+        self.before = read_bytes(self.results)
+        flags = self.flags(self.results, "--epochs", "2")
+        script = os.path.join(HERE, "train_hybrid.py")
+        code, out, err = run_until_training_then(signal.SIGINT, [sys.executable, script, *flags])
+        _, path = self.check_interrupted(code, out, err, "interrupted (Ctrl-C) at epoch 1/2, step 1/2")
+        state = run_script("train_hybrid.py", *flags, "--run-state")
+        self.assertEqual((state.returncode, state.stdout), (0, f"checkpoint\t{path}\n"))
+        saved = read_bytes(path)
+
+        def refused(*argv, script="train_hybrid.py"):
+            before = read_bytes(self.results)
+            proc = run_script(script, *argv)
+            self.assertEqual(proc.returncode, 2, proc.stdout + proc.stderr)
+            self.assertNotIn("Traceback", proc.stderr)
+            self.assertTrue(proc.stderr.startswith("error: "), proc.stderr)
+            self.assertEqual(len(proc.stderr.strip().splitlines()), 1)  # one paragraph
+            self.assertNotIn("data:", proc.stdout)  # refused before loading anything
+            self.assertEqual(read_bytes(self.results), before)
+            return proc.stderr
+
+        err = refused(*flags)  # no --resume: never overwritten
+        self.assertIn(f"checkpoint of a run with these settings already exists: {path}", err)
+        self.assertIn("Add --resume", err)
+        self.assertIn(f"rm {path}", err)
+        err = refused(*flags, "--resume", "--lr", "3e-3")  # other settings: named
+        self.assertIn("no checkpoint for these settings", err)
+        self.assertIn("--lr 0.003 here, 0.001 in the checkpoint", err)
+        err = refused(*flags, "--resume", "--seed", "1")
+        self.assertIn("no checkpoint for these settings", err)
+        # a checkpoint made by another method, under this method's name
+        with unittest.mock.patch.object(common, "check_results_file"):
+            lora_path = checkpoint.file_for(common.parse_args("lora", "", flags))
+        shutil.copy(path, lora_path)
+        self.assertIn("made for method hybrid, and this run is method lora",
+                      refused(*flags, "--resume", script="train_lora.py"))
+        os.remove(lora_path)
+        with open(path, "r+b") as f:  # damaged: cut short, as by a full disk
+            f.truncate(len(saved) // 2)
+        err = refused(*flags, "--resume")
+        self.assertIn("is damaged or truncated", err)
+        self.assertIn(f"rm {path}", err)
+        self.assertEqual(os.listdir(self.ckpts), [os.path.basename(path)])  # nothing deleted behind the user's back
+
+
+class TestRunWeek1Resume(unittest.TestCase):
+    @needs_real_data
+    def test_interrupted_sweep_rerun_gives_one_row_per_run(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            results = os.path.join(tmp, "r.csv")
+            argv = ["bash", os.path.join(HERE, "run_week1.sh"), "--seeds", "4", "--",
+                    *tiny_flags(results, "--no-pretrained", "--threads", "1", "--epochs", "2")]
+            env = dict(offline_env(), PYTHON=sys.executable)
+            # Ctrl-C in a terminal goes to the whole process group: the sweep and its current run
+            proc = subprocess.Popen(argv, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, start_new_session=True)
+            out, third = [], False
+            for line in proc.stdout:
+                out.append(line)
+                third = third or line.startswith("=== [3/3]")
+                if third and line.startswith("training:"):
+                    os.killpg(proc.pid, signal.SIGINT)
+                    break
+            rest, err = proc.communicate(timeout=120)
+            self.assertEqual(proc.returncode, 130, "".join(out) + rest + err)
+            self.assertIn("Re-run the same command to continue", err)
+            self.assertIn("run_week1.sh --seeds 4 --", err)
+            self.assertEqual([r[1] for r in read_rows(results)[1:]], ["lora", "normtune"])
+            self.assertEqual(len(os.listdir(os.path.join(tmp, "r_checkpoints"))), 1)
+
+            again = subprocess.run(argv, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+            self.assertEqual(again.returncode, 0, again.stderr[-2000:])
+            self.assertIn("[1/3] skipped train_lora.py --seed 4", again.stdout)
+            self.assertIn("[2/3] skipped train_norm.py --seed 4", again.stdout)
+            self.assertIn("[3/3] train_hybrid.py --seed 4: resuming from its checkpoint", again.stdout)
+            rows = [dict(zip(common.CSV_COLUMNS, r)) for r in read_rows(results)[1:]]
+            self.assertEqual(sorted((r["method"], r["seed"]) for r in rows),
+                             [("hybrid", "4"), ("lora", "4"), ("normtune", "4")])
+            self.assertEqual(len({r["run_key"] for r in rows}), 3)
+            self.assertFalse(os.path.exists(os.path.join(tmp, "r_checkpoints")))
+            self.assertIn("summary of", again.stdout)
 
 
 class TestNotes(unittest.TestCase):

@@ -5,7 +5,12 @@ Full fine-tune (a baseline): all 5.5 M backbone parameters and the new head trai
 backbone at a small rate (--lr), the new head at its own (--head-lr). It is the accuracy a PEFT method
 tries to reach with a fraction of the parameters. --save-adapter here writes the whole model (22 MB).
 """
-import common
+import sys
+
+try:  # Ctrl-C while torch is still loading (a few seconds): exit 130, no traceback
+    import common
+except KeyboardInterrupt:
+    sys.exit(130)
 
 
 def main():

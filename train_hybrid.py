@@ -1,12 +1,18 @@
-"""python train_hybrid.py --epochs 1  ->  fine-tunes ViT-Tiny (--backbone) on CIFAR-10 with LoRA + NormTune, prints
-progress and `acc@1 .. % ece .. %`, and appends one row to results_week1.csv.
+"""python train_hybrid.py --epochs 1  ->  fine-tunes ViT-Tiny (--backbone) on CIFAR-10 with LoRA + NormTune,
+prints progress and `acc@1 .. % ece .. %`, and appends one row to results_week1.csv.
 
-Hybrid: the LoRA factors of every qkv/proj/fc1/fc2 layer and the 25 LayerNorms train together, plus
-the new 10-class head (unless --no-train-head). See lora.py and normtune.py.
+Hybrid: the LoRA factors of every qkv/proj/fc1/fc2 layer (at --lr) and the 25 LayerNorms (at --norm-lr)
+train together, plus the new 10-class head (at --head-lr, unless --no-train-head). See lora.py and
+normtune.py, and common.DEFAULT_LRS for why each group has its own rate.
 """
-import common
-import lora
-import normtune
+import sys
+
+try:  # Ctrl-C while torch is still loading (a few seconds): exit 130, no traceback
+    import common
+    import lora
+    import normtune
+except KeyboardInterrupt:
+    sys.exit(130)
 
 
 def main():

@@ -4,7 +4,12 @@ CIFAR-10, prints progress and `acc@1 .. % ece .. %`, and appends one row to resu
 Linear probe (a baseline): the whole backbone stays frozen; only the new 10-class head trains
 (192 x 10 + 10 = 1,930 numbers, 0.0349 %). Any method that trains more should beat it.
 """
-import common
+import sys
+
+try:  # Ctrl-C while torch is still loading (a few seconds): exit 130, no traceback
+    import common
+except KeyboardInterrupt:
+    sys.exit(130)
 
 
 def main():

@@ -1,11 +1,16 @@
-"""python train_lora.py --epochs 1  ->  fine-tunes ViT-Tiny (--backbone) on CIFAR-10 with LoRA, prints progress and
-`acc@1 .. % ece .. %`, and appends one row to results_week1.csv.
+"""python train_lora.py --epochs 1  ->  fine-tunes ViT-Tiny (--backbone) on CIFAR-10 with LoRA, prints
+progress and `acc@1 .. % ece .. %`, and appends one row to results_week1.csv.
 
 LoRA: every qkv/proj/fc1/fc2 nn.Linear of the 12 blocks gets a trainable B·A·(alpha/r) beside its
 frozen weight; the new 10-class head trains too (unless --no-train-head). See lora.py.
 """
-import common
-import lora
+import sys
+
+try:  # Ctrl-C while torch is still loading (a few seconds): exit 130, no traceback
+    import common
+    import lora
+except KeyboardInterrupt:
+    sys.exit(130)
 
 
 def main():

@@ -1,11 +1,16 @@
-"""python train_norm.py --epochs 1  ->  fine-tunes ViT-Tiny (--backbone) on CIFAR-10 with NormTune, prints progress and
-`acc@1 .. % ece .. %`, and appends one row to results_week1.csv.
+"""python train_norm.py --epochs 1  ->  fine-tunes ViT-Tiny (--backbone) on CIFAR-10 with NormTune, prints
+progress and `acc@1 .. % ece .. %`, and appends one row to results_week1.csv.
 
 NormTune: only the weight and bias of the 25 LayerNorms train (9,600 numbers), plus the new 10-class
 head (unless --no-train-head). See normtune.py.
 """
-import common
-import normtune
+import sys
+
+try:  # Ctrl-C while torch is still loading (a few seconds): exit 130, no traceback
+    import common
+    import normtune
+except KeyboardInterrupt:
+    sys.exit(130)
 
 
 def main():

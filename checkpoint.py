@@ -1,0 +1,319 @@
+"""Checkpoints: everything needed to continue an interrupted run exactly, and nothing more.
+
+A run is identified by its settings: every flag that changes its numbers (method, seed, rates, sizes, data,
+weights...), not the ones that only change how or where it runs (threads, --compile, the results path...).
+Those settings hash to the run key, which names the run's one checkpoint file,
+<results stem>_checkpoints/<method>_seed<seed>_<key>.pt, and goes into the results row, so that
+run_week1.sh can tell a finished run (its row is in the results file) from one to resume.
+
+A checkpoint holds the trainable tensors (not the frozen backbone, which is rebuilt from the settings), the
+AdamW and scheduler state, how far the run got (epoch, step, that epoch's data order), the data-order /
+augmentation generator and torch's global RNG (LoRA dropout draws from it), the losses and training time
+so far. Restored into a model built the same way, the run continues as if it had never stopped.
+
+Read top to bottom: settings and names -> the run's state before training -> writing and reading files
+-> saving and restoring a run -> stopping on a signal.
+"""
+import contextlib
+import csv
+import glob
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+FORMAT = 1  # bump when the file's layout changes: older files are then refused as unreadable
+REQUIRED = {"format", "settings", "run_key", "trainable", "optimizer", "scheduler", "data_rng", "torch_rng",
+            "progress"}
+# Flags that don't change a run's numbers: they are not part of its settings, so they may differ between
+# the interrupted command and the one that resumes it.
+NOT_SETTINGS = ("threads", "compile", "results", "save_adapter", "checkpoint_every", "resume", "run_state",
+                "data_dir_given")
+
+
+class Refused(Exception):
+    """This command cannot go on with the checkpoint as it is (exit code 2): the message says what to do."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped training at a step boundary; exit code 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+# ----------------------------------------------------------------------------- settings and names
+
+def run_settings(args) -> dict:
+    """What decides this run's numbers: every flag but NOT_SETTINGS, with paths made absolute (the same run
+    started from another folder is the same run). Flags added later are included without a change here."""
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(args).items())
+                if k not in NOT_SETTINGS}
+    for key in ("data_dir", "weights"):
+        if settings.get(key):
+            settings[key] = os.path.abspath(os.path.expanduser(settings[key]))
+    return settings
+
+
+def run_key(settings: dict) -> str:
+    """Short hash of the settings: equal keys = the same run."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def folder_for(results: str) -> str:
+    return os.path.splitext(results)[0] + "_checkpoints"
+
+
+def file_for(args) -> str:
+    """The checkpoint file of this run: one per settings, next to the results file."""
+    return os.path.join(folder_for(args.results), f"{args.method}_seed{args.seed}_{args.run_key}.pt")
+
+
+def resume_command() -> str:
+    """This very command with --resume: what the user runs to continue."""
+    python = "python" if shutil.which("python") == sys.executable else sys.executable
+    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    return shlex.join([python, sys.argv[0], *argv, "--resume"])
+
+
+def describe_differences(ours: dict, theirs: dict) -> str:
+    """'--lr 0.003 here, 0.001 in the checkpoint; ...' for every setting that differs."""
+    def flag(key):
+        return key if key == "method" else "--" + key.replace("_", "-")
+
+    def value(settings, key):
+        return json.dumps(settings[key]) if key in settings else "(not recorded)"
+    keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k, ()) != theirs.get(k, ()))
+    return "; ".join(f"{flag(k)} {value(ours, k)} here, {value(theirs, k)} in the checkpoint" for k in keys)
+
+
+# ----------------------------------------------------------------------------- before training
+
+def has_row(results: str, key: str) -> bool:
+    """True if the results file has a row with this run key. A file without a run_key column (written by
+    an older version) has no recognisable rows."""
+    if not os.path.isfile(results):
+        return False
+    with open(results, newline="", encoding="utf-8", errors="replace") as f:
+        rows = csv.reader(f)
+        header = next(rows, [])
+        if "run_key" not in header:
+            return False
+        col = header.index("run_key")
+        return any(len(row) > col and row[col] == key for row in rows)
+
+
+def check_before_start(args):
+    """Right after the flags are parsed, before any data or weights are loaded: fix the run's settings and
+    key (args.run_settings, args.run_key), answer --run-state, and refuse what would lose or mix up work."""
+    args.run_settings = run_settings(args)
+    args.run_key = run_key(args.run_settings)
+    path = file_for(args)
+    if args.run_state:  # for run_week1.sh: done / checkpoint / new, a tab, the checkpoint file; exit 0
+        state = "done" if has_row(args.results, args.run_key) else "checkpoint" if os.path.exists(path) else "new"
+        print(f"{state}\t{path}")
+        sys.exit(0)
+    if args.resume:
+        if not os.path.exists(path):
+            raise Refused(no_checkpoint_message(args, path))
+        load(path, args)  # refuses a damaged file or other settings now, not after loading the data
+    elif os.path.exists(path):
+        raise Refused(f"a checkpoint of a run with these settings already exists: {path}. Add --resume to "
+                      f"continue it (with the same numbers as a run that was never interrupted), or delete it "
+                      f"to start this run over: rm {shlex.quote(path)}. It is never overwritten.")
+
+
+def no_checkpoint_message(args, path) -> str:
+    """--resume without a checkpoint for these settings: say so, and what there is instead."""
+    msg = f"--resume: there is no checkpoint for these settings ({path} does not exist)."
+    others = []
+    for other in sorted(glob.glob(os.path.join(folder_for(args.results), f"{args.method}_seed{args.seed}_*.pt"))):
+        try:
+            theirs = torch.load(other, map_location="cpu", weights_only=True)["settings"]
+        except Exception:
+            continue  # a damaged neighbour says nothing about these settings
+        others.append(f"{os.path.basename(other)}: {describe_differences(args.run_settings, theirs)}")
+    if others:
+        msg += (f" There is a checkpoint of {args.method} seed {args.seed} with other settings ("
+                + "; and ".join(others[:3]) + "): to continue it, give the flags it was made with.")
+    if has_row(args.results, args.run_key):
+        msg += f" This run has already finished: its row is in {args.results}."
+    return msg + " Leave out --resume to start this run from zero."
+
+
+# ----------------------------------------------------------------------------- files
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file beside `path`, fsync, rename over `path`, fsync the folder: a kill
+    or power loss at any moment leaves either the previous file or the new one, never a half-written one."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a second Ctrl-C: drop the partial file, keep the previous one
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError, AttributeError):  # the rename itself reaches the disk (POSIX only)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def load(path, args) -> dict:
+    """Read a checkpoint and check that it continues this run; Refused (exit 2) otherwise."""
+    start_over = f"delete it and run the same command without --resume to start this run over: rm {shlex.quote(path)}"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors/dicts/numbers only
+    except Exception as e:
+        first = str(e).split(". ")[0].splitlines()[0][:160] if str(e) else ""  # torch's advice doesn't apply
+        raise Refused(f"--resume: the checkpoint {path} is damaged or truncated ({type(e).__name__}: {first}); "
+                      f"a disk that filled up, or a copy cut short, does this. It cannot be continued: {start_over}.")
+    if not (isinstance(ckpt, dict) and REQUIRED <= set(ckpt) and ckpt["format"] == FORMAT):
+        raise Refused(f"--resume: {path} is not a checkpoint this version can continue (damaged, or written by "
+                      f"another version): {start_over}.")
+    theirs, ours = ckpt["settings"], args.run_settings
+    for what in ("method", "backbone"):
+        if theirs.get(what) != ours.get(what):
+            raise Refused(f"--resume: the checkpoint {path} was made for {what} {theirs.get(what) or 'default'}, "
+                          f"and this run is {what} {ours.get(what) or 'default'}; it cannot continue it. Resume it "
+                          f"with the script and flags it was made with, or {start_over}.")
+    if theirs != ours:
+        raise Refused(f"--resume: the checkpoint {path} was made with other settings "
+                      f"({describe_differences(ours, theirs)}). Resume it with the flags it was made with, "
+                      f"or {start_over}.")
+    return ckpt
+
+
+def discard(args):
+    """After the run's row is written: its checkpoint has served its purpose."""
+    path = file_for(args)
+    if os.path.exists(path):
+        os.remove(path)
+        print(f"checkpoint: removed {path}")
+        with contextlib.suppress(OSError):  # the folder too, once empty
+            os.rmdir(os.path.dirname(path))
+
+
+# ----------------------------------------------------------------------------- saving and restoring a run
+
+@dataclass
+class Progress:
+    """How far training got, besides the tensors and RNG states."""
+    epoch: int = 1                              # the epoch under way, 1-based (epochs + 1 once all are done)
+    order: Optional[torch.Tensor] = None        # its data order, drawn when it starts
+    losses: list = field(default_factory=list)  # its per-step losses so far
+    time_s: float = 0.0                         # its training seconds so far, summed over pieces
+    epoch_losses: list = field(default_factory=list)  # per-step losses of each finished epoch
+    epoch_times: list = field(default_factory=list)   # training seconds of each finished epoch
+
+    def finish_epoch(self):
+        self.epoch_losses.append(self.losses)
+        self.epoch_times.append(self.time_s)
+        self.epoch, self.order, self.losses, self.time_s = self.epoch + 1, None, [], 0.0
+
+    def where(self, steps_per_epoch: int, epochs: int) -> str:
+        if not self.losses:
+            return f"after epoch {self.epoch - 1} of {epochs}" if self.epoch > 1 else "before the first step"
+        return f"at epoch {self.epoch}/{epochs}, step {len(self.losses)}/{steps_per_epoch}"
+
+
+def save(path, model, opt, sched, g: torch.Generator, progress: Progress, args) -> bool:
+    """Write the run's checkpoint; on failure (e.g. a full disk) warn and return False: training goes on, and
+    the previous checkpoint, if any, is intact."""
+    ckpt = dict(format=FORMAT, settings=args.run_settings, run_key=args.run_key,
+                trainable={n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+                optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                data_rng=g.get_state(), torch_rng=torch.get_rng_state(), progress=vars(progress))
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_save(ckpt, path)
+        return True
+    except OSError as e:
+        print(f"warning: could not write the checkpoint {path} ({e}); training goes on, and the previous "
+              f"checkpoint, if any, is intact.", file=sys.stderr)
+        return False
+
+
+def restore(path, args, model, opt, sched, g: torch.Generator) -> Progress:
+    """Load the checkpoint into a model, optimizer and scheduler built exactly as at the start of the run, and
+    set both RNGs; returns how far the run got."""
+    ckpt = load(path, args)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved = ckpt["trainable"]
+    if set(saved) != set(trainable) or any(saved[n].shape != p.shape for n, p in trainable.items()):
+        raise Refused(f"--resume: the tensors in {path} do not fit this model (damaged, or written by another "
+                      f"version): delete it to start over: rm {shlex.quote(path)}.")
+    with torch.no_grad():
+        for n, p in trainable.items():
+            p.copy_(saved[n])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    g.set_state(ckpt["data_rng"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    return Progress(**ckpt["progress"])
+
+
+# ----------------------------------------------------------------------------- stopping on a signal
+
+class StopRequest:
+    """Why training should pause at the next step boundary: a signal (Ctrl-C, SIGTERM) or the checkpoint
+    clock. The loop reads it between steps, so a checkpoint is never taken in the middle of a step."""
+
+    def __init__(self, every_s: float):
+        self.signum = 0  # the signal received, 0 if none
+        self.every_s = every_s
+        self.next_save = time.monotonic() + every_s
+
+    def due(self) -> bool:
+        return bool(self.signum) or time.monotonic() >= self.next_save
+
+    def saved(self):
+        self.next_save = time.monotonic() + self.every_s
+
+
+@contextlib.contextmanager
+def stop_on_signals(every_min: float):
+    """Inside: SIGINT and SIGTERM only set stop.signum, and the loop stops at the next step boundary; a second
+    Ctrl-C stops at once. With every_min = 0 (no checkpoints) nothing changes: Ctrl-C stops at once. Outside the
+    training loop (data loading, evaluation) both signals keep their usual, immediate effect."""
+    stop = StopRequest(every_min * 60 if every_min else float("inf"))
+    if not every_min:
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and stop.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # pressed twice: don't wait for the step to end
+        stop.signum = signum
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def interrupted(signum: int, path: str, saved: bool, where: str) -> Interrupted:
+    """The exception (and message) for a run stopped by a signal at a step boundary."""
+    what = "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    if not saved:
+        return Interrupted(f"{what} {where}; the checkpoint could not be written (see the warning above), so "
+                           f"this run must start over. No row was written to the results file.", signum)
+    return Interrupted(f"{what} {where}: progress saved to {path}. No row was written to the results file. "
+                       f"To continue where it stopped, run:\n  {resume_command()}", signum)
