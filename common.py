@@ -1035,7 +1035,8 @@ def fit_and_report(model, data: Data, args):
         "torch": torch.__version__.split("+")[0],
         "calibration_file": write_calibration(args.results, ts, args.method, probs, labels, ece),
         "val_samples": args.val_samples, **extra,
-        "head_lr": f"{lrs['head']:g}" if "head" in lrs else "", "norm_lr": f"{lrs['norm']:g}" if "norm" in lrs else "",
+        # a group's own column only where it is not the method's main group (whose rate is `lr`)
+        **{f"{k}_lr": f"{lrs[k]:g}" if k in lrs and k != main_group(args.method) else "" for k in ("head", "norm")},
         "compile_time_s": f"{args.compile_time_s:.1f}" if args.compile else "",
         "cpu": cpu_name(), "run_key": args.run_key,
     }

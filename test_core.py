@@ -1573,8 +1573,9 @@ def tiny_model_run(seed=0, steps=3, epochs=2, precision="fp32"):
     common.set_head_trainable(model, True)
     data = common.Split(torch.randint(0, 256, (8 * steps, 3, 32, 32), dtype=torch.uint8,
                                       generator=torch.Generator().manual_seed(seed)), torch.arange(8 * steps) % 10, [])
-    args = types.SimpleNamespace(batch_size=8, img_size=32, precision=precision, lr=1e-3, weight_decay=0.01)
-    opt, sched = common.make_optimizer(model, args, epochs * steps)
+    args = types.SimpleNamespace(batch_size=8, img_size=32, precision=precision, lr=1e-3, weight_decay=0.01,
+                                 lrs={"lora": 1e-3, "norm": 5e-3, "head": 1e-2})
+    opt, sched = common.make_optimizer(model, args.lrs, args.weight_decay, epochs * steps)
     return model, opt, sched, data, args, torch.Generator().manual_seed(seed)
 
 
