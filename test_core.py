@@ -427,7 +427,7 @@ class TestResultsCSV(unittest.TestCase):
         for p in procs:
             p.start()
         for p in procs:
-            p.join(60)
+            p.join(240)  # spawn re-imports torch in each worker: slow on a busy 2-core machine
             self.assertEqual(p.exitcode, 0)
         rows = read_rows(self.path)
         self.assertEqual(rows[0], common.CSV_COLUMNS)
@@ -2402,11 +2402,11 @@ class TestRealWeights(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             results = os.path.join(tmp, "r.csv")
             out = run_script("train_linear.py", "--data-dir", REAL_DATA, "--backbone", "deit_tiny_patch16_224",
-                             "--weights", REAL_WEIGHTS, "--img-size", "112", "--train-samples", "300",
-                             "--eval-samples", "200", "--epochs", "2", "--lr", "3e-2", "--results", results)
+                             "--weights", REAL_WEIGHTS, "--train-samples", "500", "--eval-samples", "200",
+                             "--epochs", "2", "--results", results)  # 224 px: ~15 s, the probe needs no backward
             self.assertEqual(out.returncode, 0, out.stderr)
             row = dict(zip(common.CSV_COLUMNS, read_rows(results)[1]))
-            self.assertGreater(float(row["acc@1"]), 50.0)  # chance is 10 %; random init gets ~20 % here
+            self.assertGreater(float(row["acc@1"]), 50.0)  # chance is 10 %; 66 % seen
             self.assertEqual(row["backbone"], "deit_tiny_patch16_224")
 
 
