@@ -1482,9 +1482,10 @@ class TestRunWeek1(unittest.TestCase):
             proc = self.run_week1("--seeds", "5", "--lrs", "normtune=2e-3,5e-3", "--redo", "--", *flags, home=tmp)
             self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
             rows = [dict(zip(common.CSV_COLUMNS, r)) for r in read_rows(results)[1:]]
+            lora_lr, hybrid_lr = (f"{common.DEFAULT_LRS[m]['lora']:g}" for m in ("lora", "hybrid"))  # defaults
             self.assertEqual([(r["method"], r["lr"], r["lora_r"]) for r in rows],
-                             [("lora", "0.001", "4"), ("normtune", "0.002", ""), ("normtune", "0.005", ""),
-                              ("hybrid", "0.001", "4")])
+                             [("lora", lora_lr, "4"), ("normtune", "0.002", ""), ("normtune", "0.005", ""),
+                              ("hybrid", hybrid_lr, "4")])
             self.assertEqual({(r["seed"], r["img_size"], r["train_samples"], r["eval_samples"]) for r in rows},
                              {("5", "32", "10", "10")})
             self.assertIn("note: --lora-r 4 is not passed to train_norm.py", proc.stdout)
