@@ -832,11 +832,17 @@ def print_summary(path, rows, dropped, reference):
     print(report(groups, reference))
 
 
+def results_block(rows, dropped, results_path, notes_path, reference_flag=None) -> str:
+    """What --write-notes puts between the markers: the summary of the pretrained rows only."""
+    pretrained = [r for r in rows if not is_random_init(r["weights"])]
+    dropped = [(r, kept) for r, kept in dropped if not is_random_init(r["weights"])]
+    return notes_block(summarize(pretrained), dropped, results_path, notes_path, reference_flag)
+
+
 def update_notes(args, notes_text, rows, dropped):
     """--write-notes: the block summarises the pretrained rows only."""
     pretrained = [r for r in rows if not is_random_init(r["weights"])]
-    dropped = [(r, kept) for r, kept in dropped if not is_random_init(r["weights"])]
-    block = notes_block(summarize(pretrained), dropped, args.results, args.write_notes, args.reference)
+    block = results_block(rows, dropped, args.results, args.write_notes, args.reference)
     changed = write_notes(args.write_notes, notes_text, block)
     print(f"\n{args.write_notes}: " + ("results block replaced" if changed else "results block already up to date")
           + f" ({len(pretrained)} pretrained run(s); random-init rows are never written there)")

@@ -1882,6 +1882,16 @@ class TestNotes(unittest.TestCase):
         self.assertEqual(f"{lin['pct']:.4f}", "0.0349")
         self.assertEqual(b["full"]["trainable"], b["full"]["total"])
 
+    def test_results_block_is_the_summary_of_reference_results(self):
+        """The notes' numbers are reference_results.csv's, as `summarize.py --write-notes` writes them."""
+        path = os.path.join(HERE, "reference_results.csv")
+        rows, dropped = summarize.drop_duplicates(summarize.read_results(path))
+        want = summarize.results_block(rows, dropped, path, os.path.join(HERE, "notes.md"))
+        self.assertEqual(self.block("results"), want.strip(), "notes.md is out of date: run "
+                         "`python summarize.py reference_results.csv --write-notes notes.md`")
+        self.assertTrue(all(r["backbone"] == "deit_tiny_patch16_224" and r["weights"].startswith("file:")
+                            and r["weights"].endswith("deit_tiny_patch16_224.in1k_lnq.safetensors") for r in rows))
+
     def test_results_table_has_no_random_init_numbers(self):
         block = self.block("results")
         self.assertNotIn("(random-init)", block)
