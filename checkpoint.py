@@ -36,7 +36,7 @@ REQUIRED = {"format", "settings", "run_key", "trainable", "optimizer", "schedule
 # Flags that don't change a run's numbers: they are not part of its settings, so they may differ between
 # the interrupted command and the one that resumes it.
 NOT_SETTINGS = ("threads", "compile", "results", "save_adapter", "checkpoint_every", "resume", "run_state",
-                "data_dir_given")
+                "data_dir_given", "lrs")  # the last two are derived from flags that are settings themselves
 
 
 class Refused(Exception):

@@ -1799,7 +1799,8 @@ class TestResume(unittest.TestCase):
         self.assertIn(f"rm {path}", err)
         err = refused(*flags, "--resume", "--lr", "3e-3")  # other settings: named
         self.assertIn("no checkpoint for these settings", err)
-        self.assertIn("--lr 0.003 here, 0.001 in the checkpoint", err)
+        self.assertIn(f"--lr 0.003 here, {common.DEFAULT_LRS['hybrid']['lora']:g} in the checkpoint", err)
+        self.assertNotIn("--lrs", err)  # derived from --lr/--norm-lr/--head-lr: not a flag to name
         err = refused(*flags, "--resume", "--seed", "1")
         self.assertIn("no checkpoint for these settings", err)
         # a checkpoint made by another method, under this method's name
