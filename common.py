@@ -1,7 +1,8 @@
 """Shared pieces of the five train_*.py scripts: flags, data, model, training loop, metrics, results.
 
 Read top to bottom: flags -> CPU setup -> data -> model -> parameter accounting -> train/evaluate
--> metrics -> results CSV. Everything runs on the CPU.
+-> metrics -> the whole run. The results CSV lives in results_file.py, checkpoints in checkpoint.py.
+Everything runs on the CPU.
 """
 import argparse
 import datetime
@@ -361,8 +362,7 @@ def set_kernels(model: nn.Module, precision: str, training: bool):
 
 def setup_cpu(args):
     args.threads = args.threads or physical_cores()
-    torch.set_num_threads(args.threads)
-    args.precision = resolve_precision(args.precision)
+    torch.set_num_threads(args.threads)  # args.precision was resolved from "auto" in parse_args
     torch.manual_seed(args.seed)
     native = cpu_has_native_bf16()
     print(f"cpu: {args.threads} threads, precision {args.precision}"

@@ -2359,6 +2359,15 @@ class TestBackboneAndSeed(unittest.TestCase):
             self.assertTrue(torch.equal(from_file.blocks[4].mlp.fc1.lora_A, other.blocks[4].mlp.fc1.lora_A))
             self.assertTrue(torch.equal(after_file, after))
 
+    def test_deit_file_under_the_vit_backbone_is_warned_about(self):
+        deit_named = os.path.join(self.tmp.name, "deit_tiny_patch16_224.safetensors")
+        shutil.copyfile(self.ckpt, deit_named)
+        _, _, out = self.build(weights=deit_named)
+        self.assertIn("looks like deit_tiny_patch16_224 weights, but --backbone is vit_tiny_patch16_224", out)
+        self.assertIn("Pass --backbone deit_tiny_patch16_224", out)
+        _, _, out = self.build(weights=deit_named, backbone="deit_tiny_patch16_224")
+        self.assertNotIn("warning", out)
+
     def test_deit_backbone_uses_its_own_normalisation(self):
         model, _, out = self.build(weights=self.ckpt, backbone="deit_tiny_patch16_224")
         self.assertEqual(tuple(model.pretrained_cfg["mean"]), (0.485, 0.456, 0.406))
