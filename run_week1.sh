@@ -12,7 +12,8 @@
 # --lrs M=LR,...   per-method learning rates (repeatable): one value sets that method's --lr, several run
 #                  one run per value. Methods: lora, normtune, hybrid (linear, full with --baselines).
 #                  Not together with --lr after --, which sets one rate for every method.
-# --redo           run everything again, deleting (and naming) each run's checkpoint first.
+# --redo           run everything again, deleting (and naming) each run's checkpoint first; finished
+#                  runs get a second row (summarize.py counts only the newest).
 # FLAGS            everything after -- goes to every script that takes the flag (--lora-r only to LoRA
 #                  and Hybrid, ...); the sweep says which flags a script did not get.
 #
@@ -24,7 +25,7 @@
 # if set, else `python` (or `python3`) from PATH: activate the venv first.
 set -euo pipefail
 
-usage() { sed -n '2,28s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,25s/^# \{0,1\}//p' "$0"; }
 die() { echo "error: $*" >&2; exit 2; }
 tab=$'\t' newline=$'\n' cr=$'\r'  # (bash 3.2, macOS's own, has no associative arrays: plain strings below)
 
@@ -45,7 +46,8 @@ script_of() {
 }
 
 # ----------------------------------------------------------------------------- options
-command_line="$0$(printf ' %q' "$@")"  # to repeat after an interruption
+command_line="$0"  # to repeat after an interruption (printf with no arguments would add a stray '')
+[[ $# -eq 0 ]] || command_line+="$(printf ' %q' "$@")"
 seeds=()
 extra=()
 lrs=()  # METHOD=LR[,LR...] entries

@@ -37,7 +37,8 @@ flags in detail:
   --param-table    print the exact per-method parameter table (224 px, 10 classes, default LoRA flags),
                    computed by building the models; notes.md holds a copy that a test keeps in sync.
 
-Exit codes: 0 done, 2 wrong flag or missing file, 1 a file that cannot be read or written.
+Exit codes: 0 done, 2 wrong flag (an unknown or absent --reference, an unusable --plots folder) or
+missing file, 1 a file that cannot be read or written, or --plots without matplotlib.
 """
 import argparse
 import contextlib
@@ -737,8 +738,7 @@ def plot_reliability(plt, calib, row, path) -> str:
 
 def param_rows(img_size=224, num_classes=10) -> list:
     """(name, common.param_breakdown) per method, each built as its train_*.py builds it (random init:
-    parameter counts do not depend on the weights), with the scripts' default LoRA flags. The linear probe
-    and full fine-tune are built here (only the head / every parameter trains), not by evaluate.apply_method."""
+    parameter counts do not depend on the weights), with the scripts' default LoRA flags."""
     import timm
     import common
     from evaluate import apply_method
@@ -746,11 +746,8 @@ def param_rows(img_size=224, num_classes=10) -> list:
     rows = []
     for method in METHOD_ORDER:
         model = timm.create_model(common.BACKBONE, pretrained=False, num_classes=num_classes, img_size=img_size)
-        model.requires_grad_(method == "full")
-        if method == "linear":
-            common.set_head_trainable(model, True)
-        elif method != "full":
-            apply_method(model, method, d.lora_r, d.lora_alpha, d.lora_dropout, d.lora_targets)
+        model.requires_grad_(False)  # as common.build_model leaves it
+        apply_method(model, method, d.lora_r, d.lora_alpha, d.lora_dropout, d.lora_targets)
         rows.append((method, common.param_breakdown(model)))
     return rows
 
@@ -841,8 +838,8 @@ def results_block(rows, dropped, results_path, notes_path, reference_flag=None) 
 
 def update_notes(args, notes_text, rows, dropped):
     """--write-notes: the block summarises the pretrained rows only."""
-    pretrained = [r for r in rows if not is_random_init(r["weights"])]
     block = results_block(rows, dropped, args.results, args.write_notes, args.reference)
+    pretrained = [r for r in rows if not is_random_init(r["weights"])]  # only counted, for the message
     changed = write_notes(args.write_notes, notes_text, block)
     print(f"\n{args.write_notes}: " + ("results block replaced" if changed else "results block already up to date")
           + f" ({len(pretrained)} pretrained run(s); random-init rows are never written there)")
