@@ -38,8 +38,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import cpu
 import evaluate
+import flags
 import lora
+import run
 
 WARMUP = 2                     # untimed steps per setup (oneDNN builds its kernels on the first call)
 EPOCH_IMAGES = 50_000          # CIFAR-10 training split
@@ -115,7 +118,6 @@ def plain_eval_step(model, batch, precision):
 def suite_model(method, img_size):
     """The model exactly as the train_*.py scripts build it (random init)."""
     model = plain_model(img_size)
-    model.requires_grad_(False)                       # as common.build_model leaves it
     return evaluate.apply_method(model, METHOD_KEY[method])  # default r=8, alpha=16, qkv/proj/fc1/fc2
 
 
@@ -123,7 +125,7 @@ def suite_train_step(method, precision, batch, args):
     model = suite_model(method, args.img_size)
     opt, sched = common.make_optimizer(model, common.DEFAULT_LRS[METHOD_KEY[method]], 0.01, WARMUP + args.steps)
     model.train()
-    common.set_kernels(model, precision, training=True)   # as train_one_epoch does
+    cpu.use_speed_paths(model, precision, training=True)   # as run.train does
 
     def step():
         x, y = batch()
@@ -134,11 +136,10 @@ def suite_train_step(method, precision, batch, args):
 def suite_eval_step(method, precision, images, args, merge=True):
     model = suite_model(method, args.img_size)
     if merge:
-        lora.merge_lora(model)                        # as fit_and_report does; no-op without LoRA
-    data = common.Split(images, torch.zeros(len(images), dtype=torch.long), list(range(10)))
-    run = argparse.Namespace(batch_size=len(images), img_size=args.img_size, precision=precision)
+        lora.merge_lora(model)                        # as run.evaluate does; no-op without LoRA
+    cpu.use_speed_paths(model, precision, training=False)
     mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
-    return lambda: common.predict(model, data, run, mean, std)
+    return lambda: common.predict(model, images, len(images), args.img_size, mean, std, precision)
 
 
 # ----------------------------------------------------------------------------- machine and FLOPs
@@ -192,17 +193,17 @@ def interleaved_medians(steps: dict, rounds: int) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--img-size", type=common._img_size, default=224, help="input resolution, a multiple of 16")
-    p.add_argument("--batch-size", type=common._positive_int, default=32, help="images per step")
-    p.add_argument("--steps", type=common._positive_int, default=10, help="timed steps (rounds) per setup")
+    p.add_argument("--img-size", type=flags.img_size_value, default=224, help="input resolution, a multiple of 16")
+    p.add_argument("--batch-size", type=flags.positive_int, default=32, help="images per step")
+    p.add_argument("--steps", type=flags.positive_int, default=10, help="timed steps (rounds) per setup")
     args = p.parse_args()
 
-    threads = common.physical_cores()
+    threads = cpu.physical_cores()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    native = common.cpu_has_native_bf16()
+    native = cpu.cpu_has_native_bf16()
     precisions = ("fp32", "bf16") if native else ("fp32",)
-    print(f"machine: {common.cpu_name() or platform.machine()}, {threads} threads (physical cores), "
+    print(f"machine: {cpu.cpu_name() or platform.machine()}, {threads} threads (physical cores), "
           f"native bf16: {'yes' if native else 'no'}")
     print(f"software: torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}, "
           f"{platform.system()} {platform.machine()}")
@@ -258,7 +259,7 @@ def main():
         else:
             backbone = ips[("plain backbone", prec, "eval")]
             cells += [f"{e:.1f}", f"{e / backbone:.2f}", f"{100 * e * fwd / peak[prec]:.0f} %"]
-        return cells + [common.format_duration(EPOCH_IMAGES / t) if t else ""]
+        return cells + [run.format_duration(EPOCH_IMAGES / t) if t else ""]
 
     head = ["setup", "precision", "train img/s", "x plain", "% peak", "eval img/s", "x backbone", "% peak",
             "50k epoch"]
@@ -281,7 +282,7 @@ def main():
     floor = EPOCH_IMAGES * 2 * fwd / peak[best]
     print(f"model: forward {fwd:.2f} GFLOP/image at {args.img_size} px; training ~2x that with a frozen "
           f"backbone, ~3x for a full fine-tune. FLOP floor of a 50k Hybrid epoch in {best}: "
-          f"{common.format_duration(floor)} at peak")
+          f"{run.format_duration(floor)} at peak")
     prep = sec[("data prep", "fp32", "prep")]
     print(f"data preparation (crop/flip, resize, normalise of {args.batch_size} images): {1000 * prep:.1f} ms "
           f"= {100 * prep / sec[('Hybrid', best, 'train')]:.1f} % of a Hybrid {best} training step")

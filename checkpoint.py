@@ -33,10 +33,16 @@ import torch
 FORMAT = 1  # bump when the file's layout changes: older files are then refused as unreadable
 REQUIRED = {"format", "settings", "run_key", "trainable", "optimizer", "scheduler", "data_rng", "torch_rng",
             "progress"}
-# Flags that don't change a run's numbers: they are not part of its settings, so they may differ between
-# the interrupted command and the one that resumes it.
-NOT_SETTINGS = ("threads", "compile", "results", "save_adapter", "checkpoint_every", "resume", "run_state",
-                "data_dir_given", "lrs")  # the last two are derived from flags that are settings themselves
+# What defines a run: these settings, and only these, hash to its run key. Every flag of every script is in
+# one of the two lists (a test checks), so a new flag cannot enter or leave the key unnoticed.
+RUN_KEY = ("backbone", "batch_size", "data_dir", "epochs", "eval_samples", "head_lr", "img_size", "lora_alpha",
+           "lora_dropout", "lora_r", "lora_targets", "lr", "method", "no_pretrained", "no_train_head", "norm_lr",
+           "precision", "seed", "train_samples", "val_samples", "weight_decay", "weights")
+# How or where a run happens, not what it computes: these may differ between the interrupted command and
+# the one that resumes it.
+NOT_RUN_KEY = ("threads", "compile", "results", "save_adapter", "checkpoint_every", "resume", "run_state")
+# Per-group rates exist only for the methods that have the flag: absent (None) they are not in the key.
+ONLY_IF_GIVEN = ("head_lr", "norm_lr")
 
 
 class Refused(Exception):
@@ -53,11 +59,11 @@ class Interrupted(Exception):
 
 # ----------------------------------------------------------------------------- settings and names
 
-def run_settings(args) -> dict:
-    """What decides this run's numbers: every flag but NOT_SETTINGS, with paths made absolute (the same run
-    started from another folder is the same run). Flags added later are included without a change here."""
-    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(args).items())
-                if k not in NOT_SETTINGS}
+def run_settings(values: dict) -> dict:
+    """What decides a run's numbers: the RUN_KEY values, paths made absolute (the same run started from
+    another folder is the same run), tuples as lists (as JSON and the checkpoint file keep them)."""
+    settings = {k: (list(values.get(k)) if isinstance(values.get(k), tuple) else values.get(k))
+                for k in RUN_KEY if not (k in ONLY_IF_GIVEN and values.get(k) is None)}
     for key in ("data_dir", "weights"):
         if settings.get(key):
             settings[key] = os.path.abspath(os.path.expanduser(settings[key]))
@@ -114,10 +120,8 @@ def has_row(results: str, key: str) -> bool:
 
 
 def check_before_start(args):
-    """Right after the flags are parsed, before any data or weights are loaded: fix the run's settings and
-    key (args.run_settings, args.run_key), answer --run-state, and refuse what would lose or mix up work."""
-    args.run_settings = run_settings(args)
-    args.run_key = run_key(args.run_settings)
+    """Right after the flags are parsed, before any data or weights are loaded: answer --run-state, and refuse
+    what would lose or mix up work."""
     path = file_for(args)
     if args.run_state:  # for run_week1.sh: done / checkpoint / new, a tab, the checkpoint file; exit 0
         state = "done" if has_row(args.results, args.run_key) else "checkpoint" if os.path.exists(path) else "new"
@@ -236,7 +240,7 @@ class Progress:
 def save(path, model, opt, sched, g: torch.Generator, progress: Progress, args) -> bool:
     """Write the run's checkpoint; on failure (e.g. a full disk) warn and return False: training goes on, and
     the previous checkpoint, if any, is intact."""
-    ckpt = dict(format=FORMAT, settings=args.run_settings, run_key=args.run_key,
+    ckpt = dict(format=FORMAT, settings=dict(args.run_settings), run_key=args.run_key,
                 trainable={n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
                 optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                 data_rng=g.get_state(), torch_rng=torch.get_rng_state(), progress=vars(progress))

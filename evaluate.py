@@ -11,7 +11,7 @@ run's settings; for a full fine-tune (train_full.py) that is the whole model. Th
 Then the adapter's tensors are loaded over it. --merge folds B·A·alpha/r into each frozen weight first
 (lora.merge_lora), so the forward pass is the plain backbone's; the training scripts also evaluate
 merged, so `--merge` reproduces their numbers bit for bit, and the unmerged model agrees up to float
-rounding (see test_core.TestEvaluateAdapter).
+rounding (see test_tools.TestEvaluateReproducesTrainingRow).
 """
 import argparse
 import math
@@ -21,25 +21,31 @@ import time
 import torch
 
 import common
+import cpu
+import flags
 import lora
-import normtune
+import sources
+import train_full
+import train_hybrid
+import train_linear
+import train_lora
+import train_norm
 
 METHODS = common.METHODS
+RECIPES = {"linear": train_linear.recipe, "normtune": train_norm.recipe, "lora": train_lora.recipe,
+           "hybrid": train_hybrid.recipe, "full": train_full.recipe}  # each defined once, in its script
 
 
 def apply_method(model, method, lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets=lora.VALID_TARGETS,
                  train_head=True):
-    """Do to a frozen backbone what train_<method>.py does, in the same order, and return it."""
+    """Do to a backbone what train_<method>.py does (its recipe), and return it."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    if method == "full":
-        model.requires_grad_(True)
+    if method == "linear":
+        return RECIPES[method](model)
     if method in ("lora", "hybrid"):
-        lora.apply_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout or 0.0, targets=tuple(lora_targets))
-    if method in ("normtune", "hybrid"):
-        normtune.apply_normtune(model)
-    common.set_head_trainable(model, train_head)
-    return model
+        return RECIPES[method](model, lora_r, lora_alpha, lora_dropout or 0.0, tuple(lora_targets), train_head)
+    return RECIPES[method](model, train_head=train_head)
 
 
 # ----------------------------------------------------------------------------- flags
@@ -52,14 +58,14 @@ def parse_args(argv=None):
     p.add_argument("--merge", action="store_true",
                    help="merge the LoRA factors into the frozen weights before evaluating (plain-backbone speed)")
     p.add_argument("--data-dir", default=None, help="dataset root (default: the training run's)")
-    p.add_argument("--eval-samples", type=common._positive_int, default=None,
+    p.add_argument("--eval-samples", type=flags.positive_int, default=None,
                    help="seeded class-balanced test subset (default: the training run's)")
     p.add_argument("--weights", default=None, metavar="PATH",
                    help="backbone checkpoint, if the file the adapter was trained on has moved")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="autocast for the forward pass (default: the training run's)")
-    p.add_argument("--batch-size", type=common._positive_int, default=None, help="images per forward pass")
-    p.add_argument("--threads", type=common._positive_int, default=None,
+    p.add_argument("--batch-size", type=flags.positive_int, default=None, help="images per forward pass")
+    p.add_argument("--threads", type=flags.positive_int, default=None,
                    help="torch threads (default: the training run's, at most this machine's physical cores)")
     args = p.parse_args(argv)
     args.adapter = os.path.abspath(os.path.expanduser(args.adapter))
@@ -113,22 +119,22 @@ def run_settings(adapter: dict, args) -> argparse.Namespace:
         raise common.RunError(f"the adapter was trained on the backbone file {s.weights}, which is not there any "
                               f"more. Pass --weights PATH with where that checkpoint is now.")
     if s.weights and adapter["meta"].get("weights_sha256"):
-        if common.file_sha256(s.weights) != adapter["meta"]["weights_sha256"]:
+        if sources.file_sha256(s.weights) != adapter["meta"]["weights_sha256"]:
             print(f"warning: {s.weights} is not the file the adapter was trained on (its sha256 differs), so the "
                   f"numbers will not match the training run's.")
     s.data_dir = os.path.expanduser(args.data_dir) if args.data_dir else s.data_dir
     s.eval_samples = args.eval_samples or s.eval_samples
-    s.precision = common.resolve_precision(args.precision or s.precision)
+    s.precision = cpu.resolve_precision(args.precision or s.precision)
     s.batch_size = args.batch_size or s.batch_size
-    s.threads = args.threads or min(s.threads or common.physical_cores(), common.physical_cores())
+    s.threads = args.threads or min(s.threads or cpu.physical_cores(), cpu.physical_cores())
     s.merge = args.merge
     return s
 
 
 def rebuild_model(adapter: dict, s: argparse.Namespace):
     """Seed, build the frozen backbone, apply the method, load the adapter's tensors over it."""
-    torch.manual_seed(s.seed)  # as common.setup_cpu does before build_model in the training scripts
-    model = common.build_model(s, num_classes=len(adapter["meta"]["classes"]))
+    torch.manual_seed(s.seed)  # as cpu.setup does before create_model in the training scripts
+    model = sources.create_model(s, num_classes=len(adapter["meta"]["classes"]))
     apply_method(model, s.method, s.lora_r, s.lora_alpha, s.lora_dropout, s.lora_targets, not s.no_train_head)
     state, own = adapter["state"], model.state_dict()
     unknown = sorted(k for k in state if k not in own)
@@ -145,11 +151,11 @@ def rebuild_model(adapter: dict, s: argparse.Namespace):
 
 
 def load_test_split(s):
-    """The test split exactly as common.load_data builds it (same subset for the same --eval-samples)."""
+    """The test split exactly as sources.load_data builds it (same subset for the same --eval-samples)."""
     root = s.data_dir
     t0 = time.perf_counter()
-    test = common.load_test_split(root, s.eval_samples)
-    name = common.dataset_name(root)
+    test = sources.load_test_split(root, s.eval_samples)
+    name = sources.dataset_name(root)
     print(f"data: {name} from {root}: {len(test.labels)} test images, decoded in {time.perf_counter() - t0:.1f}s")
     return test, name
 
@@ -164,7 +170,7 @@ def main(argv=None):
     n_numbers = sum(t.numel() for t in adapter["state"].values())
     print(f"adapter: {args.adapter} ({os.path.getsize(args.adapter) / 1e6:.2f} MB): {s.method}, trained "
           f"{meta.get('ts', '?')}, {len(adapter['state'])} tensors / {n_numbers:,} numbers, "
-          f"backbone {common.weights_source(s)}")
+          f"backbone {sources.weights_source(s)}")
     torch.set_num_threads(s.threads)
     print(f"cpu: {s.threads} threads, precision {s.precision}, torch {torch.__version__}")
     test, dataset = load_test_split(s)
@@ -177,7 +183,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     if s.merge:
         lora.merge_lora(model)  # fold B·A·alpha/r into base.weight: one nn.Linear per layer
-    probs = common.softmax(common.predict(model, test, s, mean, std))  # inference_mode, eval(), batch by batch
+    logits = common.predict(model, test.images, s.batch_size, s.img_size, mean, std, s.precision)
+    probs = common.softmax(logits)  # predict: inference_mode, eval(), batch by batch
     eval_time = time.perf_counter() - t0
     labels = test.labels.numpy()
     acc, ece = common.accuracy(probs, labels), 100.0 * common.expected_calibration_error(probs, labels)
@@ -201,4 +208,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.main(main)
+    flags.main(main)

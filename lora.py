@@ -5,12 +5,12 @@
 `base` is the pretrained nn.Linear and stays frozen; only A (r x in) and B (out x r) train.
 B starts at zero, so an adapted model computes exactly what the pretrained one does at step 0.
 merge()/unmerge() are explicit calls: .eval() and .train() never touch the weights.
+(fast_lora.py computes the same function in fewer GEMMs for training; this file is the definition.)
 """
 import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 VALID_TARGETS = ("qkv", "proj", "fc1", "fc2")  # the nn.Linear layers of a timm ViT block
 
@@ -32,11 +32,6 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        # Same function, another order of operations: x @ (W + B·A·scaling).T, one full-size GEMM
-        # whose (out, in) weight gradient autograd then projects onto A and B. Cheaper than three thin
-        # rank-r GEMMs where full-size GEMMs are fast (bf16 on AVX512-BF16/AMX); common.set_kernels
-        # turns it on for bf16 training only, so the fp32 path computes exactly the formula above.
-        self.merge_in_forward = False
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, in), same shape as base.weight
@@ -56,10 +51,8 @@ class LoRALinear(nn.Module):
             self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged:  # B·A·scaling is already inside base.weight
             return self.base(x)
-        if self.merge_in_forward and isinstance(self.lora_dropout, nn.Identity):
-            return F.linear(x, self.base.weight + self.delta_weight(), self.base.bias)
         # x: (..., in) -> (..., r) -> (..., out); never forms the (out, in) product.
         return self.base(x) + (self.lora_dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
 

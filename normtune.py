@@ -14,8 +14,8 @@ def layernorms(model: nn.Module) -> list:
 def apply_normtune(model: nn.Module) -> list:
     """Make every nn.LayerNorm weight and bias trainable; return their module names.
 
-    Freezes nothing itself: call common.freeze_all() first (the scripts do) so that LayerNorms,
-    plus whatever other method is stacked on top (LoRA in Hybrid), are the only trainable parts.
+    Freezes nothing itself, so it stacks on other methods: train_norm.recipe freezes the whole model first
+    (model.requires_grad_(False)), train_hybrid.recipe freezes it, adds LoRA, then calls this.
     """
     names = []
     for name, m in model.named_modules():

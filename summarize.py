@@ -739,14 +739,13 @@ def plot_reliability(plt, calib, row, path) -> str:
 def param_rows(img_size=224, num_classes=10) -> list:
     """(name, common.param_breakdown) per method, each built as its train_*.py builds it (random init:
     parameter counts do not depend on the weights), with the scripts' default LoRA flags."""
-    import timm
     import common
+    import flags
     from evaluate import apply_method
-    d = common.build_parser("hybrid", "").parse_args([])  # the scripts' defaults: r, alpha, targets
+    d = flags.build_parser("hybrid", "").parse_args([])  # the scripts' defaults: r, alpha, targets
     rows = []
     for method in METHOD_ORDER:
-        model = timm.create_model(common.BACKBONE, pretrained=False, num_classes=num_classes, img_size=img_size)
-        model.requires_grad_(False)  # as common.build_model leaves it
+        model = common.build_model(common.BACKBONE, num_classes, img_size, pretrained=False)
         apply_method(model, method, d.lora_r, d.lora_alpha, d.lora_dropout, d.lora_targets)
         rows.append((method, common.param_breakdown(model)))
     return rows
@@ -754,7 +753,8 @@ def param_rows(img_size=224, num_classes=10) -> list:
 
 def param_table(img_size=224, num_classes=10) -> str:
     import common
-    d = common.build_parser("hybrid", "").parse_args([])
+    import flags
+    d = flags.build_parser("hybrid", "").parse_args([])
     lines = [f"{common.BACKBONE} at {img_size} px, {num_classes} classes, LoRA r={d.lora_r}, "
              f"alpha={d.lora_alpha:g} on {','.join(d.lora_targets)}. total = every parameter of the adapted "
              f"model (frozen backbone + LoRA factors + new head); tuned % = trainable / total.", "",

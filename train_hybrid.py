@@ -8,24 +8,34 @@ normtune.py, and common.DEFAULT_LRS for why each group has its own rate.
 import sys
 
 try:  # Ctrl-C while torch is still loading (a few seconds): exit 130, no traceback
-    import common
+    import cpu
+    import flags
     import lora
     import normtune
+    import run
+    import sources
 except KeyboardInterrupt:
     sys.exit(130)
 
 
+def recipe(model, r=8, alpha=16.0, dropout=0.0, targets=lora.VALID_TARGETS, train_head=True):
+    """Hybrid = LoRA + NormTune: freeze everything, add B·A beside every targeted nn.Linear, then train
+    the LayerNorms too; the head trains."""
+    model.requires_grad_(False)
+    lora.apply_lora(model, r=r, alpha=alpha, dropout=dropout, targets=targets)  # new lora_A / lora_B train
+    normtune.apply_normtune(model)              # the 25 LayerNorms' weight + bias
+    model.head.requires_grad_(train_head)
+    return model
+
+
 def main():
-    args = common.parse_args("hybrid", __doc__)
-    common.setup_cpu(args)                      # threads, precision, seed
-    data = common.open_data(args)               # lists and checks both splits; decodes nothing yet
-    model = common.build_model(args, num_classes=len(data.classes))  # all parameters frozen
-    lora.apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                    targets=args.lora_targets)  # adds trainable lora_A / lora_B
-    normtune.apply_normtune(model)              # LayerNorm weight + bias trainable
-    common.set_head_trainable(model, not args.no_train_head)
-    common.fit_and_report(model, data, args)
+    s = flags.parse("hybrid", __doc__)  # checked, resolved, read-only settings
+    cpu.setup(s)                                # threads, torch's seed, the precision that runs
+    data = sources.open_data(s)                 # lists and checks both splits; decodes nothing yet
+    model = sources.create_model(s, num_classes=len(data.classes))
+    recipe(model, s.lora_r, s.lora_alpha, s.lora_dropout, s.lora_targets, train_head=not s.no_train_head)
+    run.fit_and_report(model, data, s)          # train, evaluate (LoRA merged), append the row
 
 
 if __name__ == "__main__":
-    common.main(main)
+    flags.main(main)

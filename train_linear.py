@@ -7,19 +7,29 @@ Linear probe (a baseline): the whole backbone stays frozen; only the new 10-clas
 import sys
 
 try:  # Ctrl-C while torch is still loading (a few seconds): exit 130, no traceback
-    import common
+    import cpu
+    import flags
+    import run
+    import sources
 except KeyboardInterrupt:
     sys.exit(130)
 
 
+def recipe(model):
+    """Linear probe: freeze everything but the new head."""
+    model.requires_grad_(False)
+    model.head.requires_grad_(True)
+    return model
+
+
 def main():
-    args = common.parse_args("linear", __doc__)
-    common.setup_cpu(args)                      # threads, precision, seed
-    data = common.open_data(args)               # lists and checks both splits; decodes nothing yet
-    model = common.build_model(args, num_classes=len(data.classes))  # all parameters frozen
-    common.set_head_trainable(model, True)      # the head and nothing else
-    common.fit_and_report(model, data, args)
+    s = flags.parse("linear", __doc__)  # checked, resolved, read-only settings
+    cpu.setup(s)                                # threads, torch's seed, the precision that runs
+    data = sources.open_data(s)                 # lists and checks both splits; decodes nothing yet
+    model = sources.create_model(s, num_classes=len(data.classes))
+    recipe(model)
+    run.fit_and_report(model, data, s)          # train, evaluate (LoRA merged), append the row
 
 
 if __name__ == "__main__":
-    common.main(main)
+    flags.main(main)

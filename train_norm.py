@@ -7,21 +7,31 @@ head (unless --no-train-head). See normtune.py.
 import sys
 
 try:  # Ctrl-C while torch is still loading (a few seconds): exit 130, no traceback
-    import common
+    import cpu
+    import flags
     import normtune
+    import run
+    import sources
 except KeyboardInterrupt:
     sys.exit(130)
 
 
+def recipe(model, train_head=True):
+    """NormTune: freeze everything, then train only the LayerNorms' weights and biases; the head trains."""
+    model.requires_grad_(False)
+    normtune.apply_normtune(model)              # the 25 LayerNorms' weight + bias
+    model.head.requires_grad_(train_head)
+    return model
+
+
 def main():
-    args = common.parse_args("normtune", __doc__)
-    common.setup_cpu(args)                      # threads, precision, seed
-    data = common.open_data(args)               # lists and checks both splits; decodes nothing yet
-    model = common.build_model(args, num_classes=len(data.classes))  # all parameters frozen
-    normtune.apply_normtune(model)              # LayerNorm weight + bias trainable
-    common.set_head_trainable(model, not args.no_train_head)
-    common.fit_and_report(model, data, args)
+    s = flags.parse("normtune", __doc__)  # checked, resolved, read-only settings
+    cpu.setup(s)                                # threads, torch's seed, the precision that runs
+    data = sources.open_data(s)                 # lists and checks both splits; decodes nothing yet
+    model = sources.create_model(s, num_classes=len(data.classes))
+    recipe(model, train_head=not s.no_train_head)
+    run.fit_and_report(model, data, s)          # train, evaluate (LoRA merged), append the row
 
 
 if __name__ == "__main__":
-    common.main(main)
+    flags.main(main)
