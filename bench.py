@@ -1,19 +1,23 @@
-"""python bench.py [--img-size 224] [--batch-size 32] [--steps 10]  ->  prints one table: training and
-evaluation images/s of the linear probe, NormTune, LoRA, Hybrid and a full fine-tune, in fp32 and (where
-this CPU has native bf16) bf16, each against the plain way measured in the same run; % of this machine's
-peak matmul FLOP/s; the projected time of one 50,000-image CIFAR-10 epoch; then merged vs unmerged LoRA
-evaluation and the data-preparation share of a training step.
+"""python bench.py [--isa native|avx2] [--img-size 224] [--batch-size 32] [--steps 10]  ->  prints one table:
+training and evaluation images/s of the linear probe, NormTune, LoRA, Hybrid and a full fine-tune, in fp32
+and (where this CPU has native bf16) bf16, each against the plain naive-LoRA loop measured in the same run
+and against NormTune's step; % of this machine's peak matmul FLOP/s; the projected time of one
+50,000-image CIFAR-10 epoch; then merged vs unmerged LoRA evaluation and the data-preparation share.
+
+`--isa avx2` measures what an Intel i7 / Intel Mac does (AVX2 + FMA, no AVX-512, no bf16) on any x86
+machine: bench.py restarts itself with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2, which limit
+oneDNN's and ATen's kernels to AVX2 (bf16 is then not measured: without native bf16 `auto` picks fp32).
 
 A benchmark, not a test: random images and random-init weights, no data, no downloads, no results file.
-About 2 minutes at the defaults on 2 quiet cores (longer on a busy machine).
+About 2-4 minutes at the defaults on 2 quiet cores (longer on a busy machine).
 
 What is timed
 - training step: the suite's own data path on a uint8 batch (common.random_crop_flip, common.to_model_input)
   + common.train_step (forward under common.autocast, fp32 loss, backward, AdamW step), after
-  common.set_kernels, exactly as train_one_epoch does;
+  cpu.use_speed_paths(training=True), exactly as run.train does;
 - evaluation step: common.predict on one batch (inference_mode, fp32 softmax), with the LoRA factors
-  merged first as fit_and_report does (one extra row evaluates LoRA unmerged);
-- the plain way, the reference: timm's model with LoRA written as the naive formula
+  merged first as run.evaluate does (one extra row evaluates LoRA unmerged);
+- the plain way, the reference: timm's model with Hybrid's LoRA written as the naive formula
   W x + b + (alpha/r)·B A x, no autocast, plain AdamW, fed the same data path; for evaluation the plain
   timm backbone (no LoRA at all) under inference_mode, in each precision.
 Every setup has its own model. After WARMUP untimed steps each, every round times one step of every
@@ -22,11 +26,14 @@ median over the rounds.
 
 FLOPs: the ViT's matmuls are counted by hand (forward_gflop), about 2.5 GFLOP per image at 224 px.
 Training with a frozen backbone costs about 2x the forward (forward + gradients of the activations),
-a full fine-tune about 3x (+ gradients of every weight); LoRA's rank-8 factors add under 6 %, left out.
-"% peak" = achieved FLOP/s / the best torch.mm FLOP/s of this machine in that precision.
+a full fine-tune about 3x (+ gradients of every weight); LoRA's rank-8 factors add under 1 %, left out.
+"% peak" = achieved FLOP/s / the best torch.mm FLOP/s of this machine in that precision. NormTune's step
+is the floor for every method that back-propagates through all blocks: "x NormTune" = its step time /
+NormTune's step time in the same precision (1.00 = as fast as NormTune).
 """
 import argparse
 import copy
+import os
 import platform
 import statistics
 import sys
@@ -190,21 +197,40 @@ def interleaved_medians(steps: dict, rounds: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def main():
+AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}  # an Intel i7's kernels, on any x86
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--isa", choices=("native", "avx2"), default="native",
+                   help="avx2: restart with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 (an i7 without AVX-512)")
     p.add_argument("--img-size", type=flags.img_size_value, default=224, help="input resolution, a multiple of 16")
     p.add_argument("--batch-size", type=flags.positive_int, default=32, help="images per step")
     p.add_argument("--steps", type=flags.positive_int, default=10, help="timed steps (rounds) per setup")
-    args = p.parse_args()
+    return p.parse_args(argv)
 
+
+def restart_with_avx2():
+    """The ISA limits are read when torch loads its kernels, so they need a fresh process."""
+    if any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]],
+                  dict(os.environ, **AVX2_ENV))
+
+
+def main():
+    args = parse_args()
+    if args.isa == "avx2":
+        restart_with_avx2()
     threads = cpu.physical_cores()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    native = cpu.cpu_has_native_bf16()
+    avx2_only = all(os.environ.get(k) == v for k, v in AVX2_ENV.items())
+    native = cpu.cpu_has_native_bf16() and not avx2_only
     precisions = ("fp32", "bf16") if native else ("fp32",)
+    isa = "AVX2 only (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2)" if avx2_only else "native"
     print(f"machine: {cpu.cpu_name() or platform.machine()}, {threads} threads (physical cores), "
-          f"native bf16: {'yes' if native else 'no'}")
+          f"instruction set: {isa}, native bf16: {'yes' if native else 'no'}")
     print(f"software: torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}, "
           f"{platform.system()} {platform.machine()}")
     print(f"setting: {common.BACKBONE}, random init, {args.img_size} px, batch {args.batch_size}, "
@@ -238,41 +264,9 @@ def main():
 
     print(f"timing {len(steps)} setups...", file=sys.stderr, flush=True)
     sec = interleaved_medians(steps, args.steps)
+    print_table(sec, precisions, peak, fwd, args.batch_size)
+    print()
     ips = {k: args.batch_size / s for k, s in sec.items()}   # images per second
-
-    ref_train = ips[("plain way", "fp32", "train")]
-
-    def row(name, prec, label=None):
-        """One table line; blank where a setup has no training or no evaluation step."""
-        cells = [label or name, prec]
-        t = ips.get((name, prec, "train"))
-        if t is None:
-            cells += [""] * 3
-        else:
-            # backward = activation gradients (1 forward's worth) + weight gradients (1 more, full only);
-            # the linear probe has no backward through the backbone at all
-            flops = fwd * {"full fine-tune": 3, "linear probe": 1}.get(name, 2)
-            cells += [f"{t:.1f}", f"{t / ref_train:.2f}", f"{100 * t * flops / peak[prec]:.0f} %"]
-        e = ips.get((name, prec, "eval"))
-        if e is None:
-            cells += [""] * 3
-        else:
-            backbone = ips[("plain backbone", prec, "eval")]
-            cells += [f"{e:.1f}", f"{e / backbone:.2f}", f"{100 * e * fwd / peak[prec]:.0f} %"]
-        return cells + [run.format_duration(EPOCH_IMAGES / t) if t else ""]
-
-    head = ["setup", "precision", "train img/s", "x plain", "% peak", "eval img/s", "x backbone", "% peak",
-            "50k epoch"]
-    rows = [row("plain way", "fp32", "plain way (reference)")]
-    rows += [row("plain backbone", prec) for prec in precisions]
-    rows += [row(method, prec) for method in METHODS + ("LoRA unmerged",) for prec in precisions]
-    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-    print()
-    for r in [head] + rows:
-        print("  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    print("x plain = training img/s / the plain way's (fp32) in this run; x backbone = evaluation img/s / "
-          "the plain backbone's in the same precision")
-    print()
     merged_vs = ", ".join(f"{prec} {ips[('LoRA', prec, 'eval')] / ips[('LoRA unmerged', prec, 'eval')]:.2f}x"
                           for prec in precisions)
     print(f"LoRA evaluation, merged vs unmerged: {merged_vs}")
@@ -288,6 +282,46 @@ def main():
           f"= {100 * prep / sec[('Hybrid', best, 'train')]:.1f} % of a Hybrid {best} training step")
     print("50k epoch = 50,000 training images / train img/s; evaluating the 10,000 test images adds "
           "10,000 / eval img/s.")
+
+
+def print_table(sec: dict, precisions, peak: dict, fwd: float, batch_size: int):
+    """One line per setup: training (img/s, ms/step, x plain, x NormTune, % peak), evaluation, 50k epoch."""
+    ips = {k: batch_size / s for k, s in sec.items()}
+    ref_train = ips[("plain way", "fp32", "train")]
+
+    def row(name, prec, label=None):
+        """One table line; blank where a setup has no training or no evaluation step."""
+        cells = [label or name, prec]
+        t = ips.get((name, prec, "train"))
+        if t is None:
+            cells += [""] * 5
+        else:
+            # backward = activation gradients (1 forward's worth) + weight gradients (1 more, full only);
+            # the linear probe has no backward through the backbone at all
+            flops = fwd * {"full fine-tune": 3, "linear probe": 1}.get(name, 2)
+            norm = sec.get(("NormTune", prec, "train"), sec[("NormTune", "fp32", "train")])
+            cells += [f"{t:.1f}", f"{1000 * batch_size / t:.0f}", f"{t / ref_train:.2f}",
+                      f"{batch_size / t / norm:.2f}", f"{100 * t * flops / peak[prec]:.0f} %"]
+        e = ips.get((name, prec, "eval"))
+        if e is None:
+            cells += [""] * 3
+        else:
+            backbone = ips[("plain backbone", prec, "eval")]
+            cells += [f"{e:.1f}", f"{e / backbone:.2f}", f"{100 * e * fwd / peak[prec]:.0f} %"]
+        return cells + [run.format_duration(EPOCH_IMAGES / t) if t else ""]
+
+    head = ["setup", "precision", "train img/s", "ms/step", "x plain", "x NormTune", "% peak", "eval img/s",
+            "x backbone", "% peak", "50k epoch"]
+    rows = [row("plain way", "fp32", "plain naive-LoRA loop (reference)")]
+    rows += [row("plain backbone", prec) for prec in precisions]
+    rows += [row(method, prec) for method in METHODS + ("LoRA unmerged",) for prec in precisions]
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    print()
+    for r in [head] + rows:
+        print("  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    print("x plain = training img/s / the plain naive-LoRA loop's (fp32, Hybrid) in this run; x NormTune = step "
+          "time / NormTune's step time in the same precision; x backbone = evaluation img/s / the plain "
+          "backbone's in the same precision")
 
 
 if __name__ == "__main__":

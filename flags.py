@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import checkpoint
 import common
@@ -242,10 +242,11 @@ def parse(method: str, doc: str, argv=None) -> Settings:
     v["precision"] = cpu.resolve_precision(v["precision"])  # the settings name what runs ("bf16"), not "auto"
     v["threads"] = v["threads"] or cpu.physical_cores()
     v["lrs"] = types.MappingProxyType(group_lrs(method, v["lr"], v.get("head_lr"), v.get("norm_lr")))
-    run_settings = checkpoint.run_settings(v)
-    v["run_key"] = checkpoint.run_key(run_settings)
-    v["run_settings"] = types.MappingProxyType(run_settings)
     s = Settings(**v)
+    # The key from every setting, a flag this method lacks at its Settings default (lora_targets (),
+    # no_train_head False), as before the split: a finished run keeps its key (reference_*.csv, resumes).
+    run_settings = checkpoint.run_settings(vars(s))
+    s = replace(s, run_settings=types.MappingProxyType(run_settings), run_key=checkpoint.run_key(run_settings))
     checkpoint.check_before_start(s)  # answers --run-state; never overwrites a checkpoint
     return s
 
