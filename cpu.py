@@ -88,12 +88,15 @@ def setup(s):
 def use_speed_paths(model: nn.Module, precision: str, training: bool):
     """Switch to the faster of two ways of computing the same function, for this phase and precision.
 
-    Measured with bench.py on a 2-core AVX512-BF16 CPU (Hybrid, 224 px, batch 32), these two switches
-    take bf16 training from about 1.5x to about 2.4x the fp32 speed:
-    - attention: the fused F.scaled_dot_product_attention has a slow bf16 backward on CPUs, so bf16
-      training uses timm's explicit softmax(q @ k.T * scale) @ v; everything else keeps the fused kernel;
-    - LoRA: one full-size GEMM with W + B·A·scaling instead of three thin rank-r ones (fast_lora.py).
-    fp32, and all evaluation, keep timm's and lora.py's own forward.
+    - LoRA, training (fp32 and bf16): fast_lora.FastLoRALinear instead of lora.LoRALinear: in fp32 one
+      merged-weight GEMM forward and a backward without the three thin rank-r GEMMs of the formula
+      (LoRAFunction; Hybrid's fp32 step about 1.2x faster, bench.py); under bf16 autocast one full-size
+      GEMM with W + B·A·scaling, the way measured fastest where bf16 GEMMs are fast (AVX512-BF16/AMX).
+      Both equal the formula up to float rounding (test_tools.TestSpeedPaths, TestFastLoRA*).
+    - attention, bf16 training: the fused F.scaled_dot_product_attention has a slow bf16 backward on
+      CPUs, so bf16 training uses timm's explicit softmax(q @ k.T * scale) @ v. In fp32 the two measure
+      the same (natively and AVX2-only), and the fused one stays.
+    Evaluation (training=False) keeps timm's and lora.py's own forward: LoRA is merged there anyway.
     """
     import fast_lora
     from timm.layers import use_fused_attn
@@ -101,4 +104,4 @@ def use_speed_paths(model: nn.Module, precision: str, training: bool):
     for m in model.modules():
         if "fused_attn" in vars(m):  # timm's Attention reads this flag on every forward
             m.fused_attn = use_fused_attn() and not bf16_training
-    fast_lora.use_fast_lora(model, on=bf16_training)
+    fast_lora.use_fast_lora(model, on=training)
