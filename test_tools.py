@@ -544,6 +544,31 @@ class TestFastLoRAFp32(unittest.TestCase):
                     self.assertTrue(torch.equal(after[k], before[k]), k)
 
 
+class TestFastLoRAThreads(unittest.TestCase):
+    """transposed_product cuts a sum over rows into one block per thread: the same a^T b for any count."""
+
+    def setUp(self):
+        self.addCleanup(torch.set_num_threads, torch.get_num_threads())
+
+    def test_transposed_product_is_a_t_b(self):
+        torch.manual_seed(0)
+        a, b = torch.randn(30, 11)[:, 3:], torch.randn(30, 5)  # a strided, as gB is a slice of [dx | gB]
+        for threads in (1, 2, 3, 5, 7):  # 7 does not divide 30 rows: the plain product
+            torch.set_num_threads(threads)
+            torch.testing.assert_close(fast_lora.transposed_product(a, b), a.t() @ b, rtol=1e-5, atol=1e-6)
+
+    def test_layer_gradients_with_two_threads(self):
+        torch.set_num_threads(2)  # the tests run on one thread, where the blocks are never cut
+        ref, fast = make_layer(24, 40, 4)
+        x, g = torch.randn(2, 6, 24, requires_grad=True), torch.randn(2, 6, 40)  # 12 rows: 2 blocks of 6
+        (y_ref, dx_ref, gr_ref), (y_fast, dx_fast, gr_fast) = forward_backward(ref, x, g), forward_backward(fast, x, g)
+        self.assertLess(rel_err(y_fast, y_ref), FP32_TOL)
+        self.assertLess(rel_err(dx_fast, dx_ref), FP32_TOL)
+        self.assertEqual(set(gr_fast), {"lora_A", "lora_B"})
+        for name in ("lora_A", "lora_B"):
+            self.assertLess(rel_err(gr_fast[name], gr_ref[name]), FP32_TOL, name)
+
+
 class TestFastLoRABf16(unittest.TestCase):
     """Under torch.autocast("cpu", bfloat16) the fast layer must do what the formula does under the same
     autocast: bf16 output, gradients in the inputs' dtypes, values equal to bf16 rounding."""
@@ -717,6 +742,20 @@ def write_checkpoint(path, arch=common.BACKBONE, seed=123):
     return state
 
 
+class WithCheckpointFile:
+    """For a TestCase: a temporary folder (cls.tmp) holding a random-init ViT checkpoint (cls.ckpt)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.ckpt = os.path.join(cls.tmp.name, "vit.safetensors")
+        write_checkpoint(cls.ckpt)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+
 def model_args(**kw):
     """What sources.create_model reads of the settings."""
     base = dict(no_pretrained=False, weights=None, img_size=224, seed=0, backbone=common.BACKBONE)
@@ -822,18 +861,8 @@ class TestLocalWeights(unittest.TestCase):
         self.assertIn("size mismatch", str(cm.exception))
 
 
-class TestBackboneAndSeed(unittest.TestCase):
+class TestBackboneAndSeed(WithCheckpointFile, unittest.TestCase):
     """One --seed is one run however the weights arrive: download/cache, --weights, --no-pretrained."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = tempfile.TemporaryDirectory()
-        cls.ckpt = os.path.join(cls.tmp.name, "vit.safetensors")
-        write_checkpoint(cls.ckpt)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
 
     def build(self, **kw):
         torch.manual_seed(5)
@@ -1039,19 +1068,9 @@ class TestFailedRuns(unittest.TestCase):
 # ============================================================================= run (run.py: whole runs of the scripts)
 
 @needs_real_data
-class TestEndToEnd(unittest.TestCase):
+class TestEndToEnd(WithCheckpointFile, unittest.TestCase):
     """Each script on 20 real CIFAR-10 images at 32 px, with a checkpoint written here (Hybrid in a real
     process, the others in this one)."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = tempfile.TemporaryDirectory()
-        cls.ckpt = os.path.join(cls.tmp.name, "vit.safetensors")
-        write_checkpoint(cls.ckpt)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
 
     def check_run(self, method, runner=run_main):
         results = os.path.join(self.tmp.name, f"{method}.csv")
