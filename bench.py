@@ -9,7 +9,7 @@ machine: bench.py restarts itself with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILI
 oneDNN's and ATen's kernels to AVX2 (bf16 is then not measured: without native bf16 `auto` picks fp32).
 
 A benchmark, not a test: random images and random-init weights, no data, no downloads, no results file.
-About 2-4 minutes at the defaults on 2 quiet cores (longer on a busy machine).
+About 5 minutes at the defaults on 2 quiet cores (longer on a busy machine).
 
 What is timed
 - training step: the suite's own data path on a uint8 batch (common.random_crop_flip, common.to_model_input)
@@ -213,6 +213,9 @@ def parse_args(argv=None):
 
 def restart_with_avx2():
     """The ISA limits are read when torch loads its kernels, so they need a fresh process."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        sys.exit(f"bench.py: error: --isa avx2 limits an x86 CPU to AVX2; this machine is {platform.machine()}. "
+                 f"Leave --isa out.")
     if any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]],
                   dict(os.environ, **AVX2_ENV))

@@ -8,7 +8,7 @@ neighbours):
   4. optimizer     AdamW with one rate per parameter group, warmup + cosine
   5. training      train_step (forward, loss, zero_grad, backward, step) and train_epoch (the loop)
   6. evaluation    predict -> logits; accuracy, 15-bin ECE, temperature scaling (pure numpy)
-  7. results       the CSV appender (results_file.py)
+The CSV appender (append_result, CSV_COLUMNS) and the two error classes are re-exported from results_file.py.
 LoRA is in lora.py, NormTune in normtune.py, each method's recipe in its train_*.py. Everything that
 protects a run (flags, checks, checkpoints, CPU speed paths) lives beside this file, in flags.py,
 sources.py, run.py, checkpoint.py and cpu.py: nothing here imports them.

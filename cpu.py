@@ -90,7 +90,7 @@ def use_speed_paths(model: nn.Module, precision: str, training: bool):
 
     - LoRA, training (fp32 and bf16): fast_lora.FastLoRALinear instead of lora.LoRALinear: in fp32 one
       merged-weight GEMM forward and a backward without the three thin rank-r GEMMs of the formula
-      (LoRAFunction; Hybrid's fp32 step about 1.2x faster, bench.py); under bf16 autocast one full-size
+      (LoRAFunction; Hybrid's fp32 step about 1.3x faster, bench.py; the formula under --compile); under bf16 autocast one full-size
       GEMM with W + B·A·scaling, the way measured fastest where bf16 GEMMs are fast (AVX512-BF16/AMX).
       Both equal the formula up to float rounding (test_tools.TestSpeedPaths, TestFastLoRA*).
     - attention, bf16 training: the fused F.scaled_dot_product_attention has a slow bf16 backward on

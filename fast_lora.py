@@ -44,17 +44,21 @@ What FastLoRALinear.forward computes:
                                                 0.56 of them), but its three thin GEMMs each stream an
                                                 (N, in) or (N, out) tensor through memory, and it has not been
                                                 measured on bf16 hardware: set bf16_path = "function" to try;
-  - otherwise (fp32 training, evaluation)    -> LoRAFunction.
+  - inside torch.compile (--compile)         -> LoRALinear.forward, the formula, which the compiler traces
+                                                whole (it cannot trace LoRAFunction's writes into a strided
+                                                view), so a compiled run computes what it did before;
+  - otherwise (no autocast: fp32 training)   -> LoRAFunction.
 
 This is a speed switch, not a different method: cpu.use_speed_paths switches it on for training (through
-use_fast_lora) and off for evaluation; the teaching class lora.LoRALinear never does, whose parameters and state_dict FastLoRALinear shares.
+use_fast_lora) and off for evaluation. FastLoRALinear shares lora.LoRALinear's parameters and state_dict;
+the teaching class itself never switches to it.
 """
 import torch
 from torch.autograd.function import once_differentiable
 
 import lora
 
-__all__ = ["LoRAFunction", "FastLoRALinear", "use_fast_lora", "autocast_dtype", "transposed_product"]
+__all__ = ["LoRAFunction", "FastLoRALinear", "use_fast_lora", "autocast_dtype", "transposed_product", "compiling"]
 
 
 def autocast_dtype(device_type: str = "cpu"):
@@ -71,6 +75,18 @@ def autocast_dtype(device_type: str = "cpu"):
     if device_type == "cuda":
         return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
     return None
+
+
+def _compiler_is_compiling():
+    """torch.compiler.is_compiling from torch 2.3 on; torch._dynamo.is_compiling on torch 2.2."""
+    if hasattr(torch.compiler, "is_compiling"):
+        return torch.compiler.is_compiling
+    import torch._dynamo as dynamo
+    return dynamo.is_compiling
+
+
+compiling = _compiler_is_compiling()  # True while torch.compile traces the model; looked up once, here,
+#                                       since the compiler cannot trace the lookup itself on torch 2.2
 
 
 def transposed_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -171,6 +187,8 @@ class FastLoRALinear(lora.LoRALinear):
             if self.bf16_path != "merged":
                 raise ValueError(f"FastLoRALinear.bf16_path must be 'merged' or 'function', got {self.bf16_path!r}")
             return torch.nn.functional.linear(x, self.base.weight + self.delta_weight(), self.base.bias)
+        if compiling():
+            return lora.LoRALinear.forward(self, x)  # what --compile traced before this path existed
         return LoRAFunction.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B,
                                   float(self.scaling))
 

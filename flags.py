@@ -58,9 +58,10 @@ class Settings:
     resume: bool = False
     run_state: bool = False
     # derived
-    lrs: types.MappingProxyType = field(default_factory=dict)  # {group: peak rate}, read-only
+    lrs: types.MappingProxyType = field(default_factory=lambda: types.MappingProxyType({}))  # {group: rate}
     data_dir_given: bool = False  # --data-dir was on the command line (a missing folder is then an error)
-    run_settings: types.MappingProxyType = field(default_factory=dict)  # what defines the run (checkpoint.py)
+    run_settings: types.MappingProxyType = field(default_factory=lambda: types.MappingProxyType({}))  # what
+    # defines the run (checkpoint.RUN_KEY)
     run_key: str = ""             # their hash: names the checkpoint, goes into the row
 
 
@@ -243,8 +244,8 @@ def parse(method: str, doc: str, argv=None) -> Settings:
     v["threads"] = v["threads"] or cpu.physical_cores()
     v["lrs"] = types.MappingProxyType(group_lrs(method, v["lr"], v.get("head_lr"), v.get("norm_lr")))
     s = Settings(**v)
-    # The key from every setting, a flag this method lacks at its Settings default (lora_targets (),
-    # no_train_head False), as before the split: a finished run keeps its key (reference_*.csv, resumes).
+    # The key from the RUN_KEY settings: a flag this method lacks counts at its Settings default (lora_targets
+    # (), no_train_head False), a per-group rate it lacks not at all (checkpoint.ONLY_IF_GIVEN).
     run_settings = checkpoint.run_settings(vars(s))
     s = replace(s, run_settings=types.MappingProxyType(run_settings), run_key=checkpoint.run_key(run_settings))
     checkpoint.check_before_start(s)  # answers --run-state; never overwrites a checkpoint

@@ -1,6 +1,6 @@
 """The results CSV: its columns, and how every script reads, checks and appends to it.
 
-Torch-free on purpose, so that summarize.py can use it without importing torch. common.py re-exports the ones the train scripts use.
+Torch-free on purpose, so that summarize.py can use it without importing torch. common.py re-exports the appender, the columns and the error classes.
 
 Two layouts are valid: this version's 38 columns (CSV_COLUMNS), and the previous version's first 28
 (OLD_COLUMNS). An old file keeps working as it is: it is never rewritten, new rows are appended in

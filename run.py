@@ -1,7 +1,7 @@
 """The run around the method: train (with progress lines, checkpoints and Ctrl-C), evaluate, report.
 
 fit_and_report(model, data, s) is what every train_*.py calls once its recipe has chosen what trains:
-  train()     decode the data, then common.train_epoch's steps, with a progress line every 15 s, a
+  train()     common.train_epoch's steps on the decoded data, with a progress line every 15 s, a
               checkpoint every --checkpoint-every minutes and on Ctrl-C/SIGTERM (checkpoint.py), and
               --resume continuing a stopped run bit for bit
   evaluate()  LoRA merged (one matmul per layer): test metrics, and with --val-samples the validation
@@ -134,9 +134,9 @@ def evaluate(model, val, test: common.Split, s) -> dict:
     t0 = time.perf_counter()
     cpu.use_speed_paths(model, s.precision, training=False)
     lora.merge_lora(model)  # one matmul per layer instead of three: evaluation at backbone speed
-    logits = common.predict(model, test.images, s.batch_size, s.img_size, mean, std, s.precision)  # eager: merged
-    val_logits = (common.predict(model, val.images, s.batch_size, s.img_size, mean, std, s.precision)
-                  if val else None)  # weights would make --compile recompile
+    # the eager model, not the compiled one: merged weights would make --compile recompile
+    logits = common.predict(model, test.images, s.batch_size, s.img_size, mean, std, s.precision)
+    val_logits = common.predict(model, val.images, s.batch_size, s.img_size, mean, std, s.precision) if val else None
     lora.unmerge_lora(model)
     m = dict(eval_time=time.perf_counter() - t0, labels=test.labels.numpy(), probs=common.softmax(logits))
     m["acc"] = common.accuracy(m["probs"], m["labels"])

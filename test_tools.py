@@ -270,6 +270,25 @@ class TestSpeedPaths(unittest.TestCase):
             self.assertAlmostEqual(loss_a, loss.item(), delta=1e-5 * loss.item(), msg=f"step {step}")
         self.assertNotEqual(loss_a, F.cross_entropy(lora_hybrid()(x), y).item())  # it did train
 
+    def test_compiled_fast_layer_is_the_formula(self):
+        """Under torch.compile (--compile) a fast layer hands the compiler the formula, which it traces whole:
+        the same output as eager, and LoRAFunction never called."""
+        torch.manual_seed(0)
+        layer = lora.LoRALinear(nn.Linear(12, 20), r=4, alpha=8)
+        nn.init.normal_(layer.lora_B)
+        x = torch.randn(3, 12)
+        want = layer(x)
+        fast_lora.use_fast_lora(nn.Sequential(layer))
+        self.assertIs(type(layer), fast_lora.FastLoRALinear)
+        with unittest.mock.patch.object(fast_lora, "compiling", return_value=True), \
+                unittest.mock.patch.object(fast_lora.LoRAFunction, "apply", side_effect=AssertionError("traced")):
+            self.assertTrue(torch.equal(layer(x), want))
+        try:
+            compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+        except Exception as e:  # e.g. a Python that this torch cannot compile for
+            self.skipTest(f"torch.compile unavailable here: {type(e).__name__}: {str(e)[:80]}")
+        torch.testing.assert_close(compiled, want)
+
     def switched(self, layer):
         """`layer` as bf16 training runs it: use_speed_paths turns it into a fast_lora.FastLoRALinear."""
         fast = nn.Sequential(layer)

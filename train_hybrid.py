@@ -3,7 +3,7 @@ prints progress and `acc@1 .. % ece .. %`, and appends one row to results_week1.
 
 Hybrid: the LoRA factors of every qkv/proj/fc1/fc2 layer (at --lr) and the 25 LayerNorms (at --norm-lr)
 train together, plus the new 10-class head (at --head-lr, unless --no-train-head). See lora.py and
-normtune.py, and common.DEFAULT_LRS for why each group has its own rate.
+normtune.py; common.DEFAULT_LRS sets the rates, and notes.md ("Learning-rate sweep") says why they differ.
 """
 import sys
 

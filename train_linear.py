@@ -28,7 +28,7 @@ def main():
     data = sources.open_data(s)                 # lists and checks both splits; decodes nothing yet
     model = sources.create_model(s, num_classes=len(data.classes))
     recipe(model)
-    run.fit_and_report(model, data, s)          # train, evaluate (LoRA merged), append the row
+    run.fit_and_report(model, data, s)          # train, evaluate, append the row
 
 
 if __name__ == "__main__":
