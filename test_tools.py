@@ -1537,11 +1537,15 @@ class TestReferenceRunKeys(unittest.TestCase):
     DATA_DIR = "/work/shared/data/cifar10-jpeg"
 
     def command(self, row):
-        """The flags of the run that wrote `row`; --eval-samples only where it is not all 10,000 test images."""
+        """The flags of the run that wrote `row`. As in the reference commands, --train-samples and
+        --eval-samples appear only where they are not the whole split (all 50,000 training images less
+        --val-samples; all 10,000 test images): the key tells a size given from one left out."""
         argv = ["--data-dir", self.DATA_DIR, "--backbone", row["backbone"], "--img-size", row["img_size"],
                 "--batch-size", row["batch_size"], "--lr", row["lr"], "--weight-decay", row["weight_decay"],
                 "--seed", row["seed"], "--precision", row["precision"], "--epochs", row["epochs"],
-                "--train-samples", row["train_samples"], "--val-samples", row["val_samples"] or "0"]
+                "--val-samples", row["val_samples"] or "0"]
+        if int(row["train_samples"]) != 50000 - int(row["val_samples"] or 0):
+            argv += ["--train-samples", row["train_samples"]]
         if row["eval_samples"] != "10000":
             argv += ["--eval-samples", row["eval_samples"]]
         if row["weights"].startswith("file:"):
