@@ -2,9 +2,9 @@
 
 Torch-free on purpose, so that summarize.py can use it without importing torch. common.py re-exports the appender, the columns and the error classes.
 
-Two layouts are valid: this version's 38 columns (CSV_COLUMNS), and the previous version's first 28
-(OLD_COLUMNS). An old file keeps working as it is: it is never rewritten, new rows are appended in
-its own 28 columns, and the note returned by append_result says which fields were left out. A file
+Three layouts are valid: this version's 39 columns (CSV_COLUMNS) and the earlier versions' first 38
+and first 28 (LAYOUTS). An older file keeps working as it is: it is never rewritten, new rows are
+appended in its own columns, and the note returned by append_result says which fields were left out. A file
 that Excel re-saved is handled the same way by every script: a byte-order mark ("CSV UTF-8") is
 simply skipped, and a semicolon-separated file is refused with the cause named (excel_problem).
 """
@@ -25,10 +25,13 @@ OLD_COLUMNS = [
     "lr", "weight_decay", "seed", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
     "train_head", "precision", "threads", "weights", "torch", "calibration_file",
 ]
-# Added after the first version; any of them may be blank (e.g. no validation split).
+# Added after the first version, in this order; any of them may be blank (e.g. no validation split).
 NEW_COLUMNS = ["val_samples", "val_acc@1", "val_ece", "temperature", "ece_ts", "head_lr", "norm_lr",
-               "compile_time_s", "cpu", "run_key"]
+               "compile_time_s", "cpu", "run_key",
+               "weights_sha256"]  # of the --weights file: names the weights wherever the file lives
 CSV_COLUMNS = OLD_COLUMNS + NEW_COLUMNS
+# Every header a version of the scripts wrote, newest first; each is a start of CSV_COLUMNS.
+LAYOUTS = (CSV_COLUMNS, CSV_COLUMNS[:38], OLD_COLUMNS)
 
 
 class UsageError(Exception):
@@ -64,13 +67,13 @@ def excel_problem(first_line: str, path) -> str:
 
 
 def layout_of(first_line: str, path) -> list:
-    """The columns a file with this first line is appended in: CSV_COLUMNS or OLD_COLUMNS.
+    """The columns a file with this first line is appended in: one of LAYOUTS.
     UsageError, with the fix, for any other header (the file is never touched)."""
     problem = excel_problem(first_line, path)
     if problem:
         raise UsageError(problem)
     header = parse_header(first_line)
-    if header in (CSV_COLUMNS, OLD_COLUMNS):
+    if header in LAYOUTS:
         return list(header)
     n = max(len(header), len(CSV_COLUMNS))
     padded, expected = header + [""] * (n - len(header)), CSV_COLUMNS + [""] * (n - len(CSV_COLUMNS))
@@ -91,11 +94,12 @@ def _decode(line: bytes) -> str:
 
 
 def left_out_note(path, columns) -> str:
-    """What an old-layout file does not record, and how to get it; "" for this version's layout."""
-    if columns != OLD_COLUMNS:
+    """What an older layout does not record, and how to get it; "" for this version's layout."""
+    if columns == CSV_COLUMNS:
         return ""
-    return (f"note: {path} has the previous version's {len(OLD_COLUMNS)}-column header, so the row was appended "
-            f"in those columns and these were left out: {', '.join(NEW_COLUMNS)}. Nothing in the file was "
+    left_out = ", ".join(CSV_COLUMNS[len(columns):])
+    return (f"note: {path} has an earlier version's {len(columns)}-column header, so the row was appended "
+            f"in those columns and these were left out: {left_out}. Nothing in the file was "
             f"rewritten. To record them, pass --results with a new file name (e.g. --results results_week2.csv); "
             f"summarize.py reads both files.")
 
@@ -137,8 +141,8 @@ def _values(row: dict, columns) -> list:
 def append_result(path, row: dict) -> str:
     """Append one row atomically: exclusive lock, header check, one write() call, fsync.
 
-    A new or empty file gets CSV_COLUMNS' header. A file with the previous version's 28 columns gets
-    the row in those 28 columns; the note that says so is printed and returned ("" otherwise).
+    A new or empty file gets CSV_COLUMNS' header. A file in an earlier layout (38 or 28 columns) gets
+    the row in its own columns; the note that says so is printed and returned ("" otherwise).
     Any other header: UsageError, file untouched. A file's CRLF line ends (Excel) are kept.
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
@@ -168,7 +172,7 @@ def append_result(path, row: dict) -> str:
 
 def read_rows(path, needed=OLD_COLUMNS) -> list:
     """Every row as a dict with all of CSV_COLUMNS (a column the file lacks, or a blank field, is "")
-    plus "_line", the row's line number in the file. Reads both layouts and a byte-order mark.
+    plus "_line", the row's line number in the file. Reads every layout and a byte-order mark.
 
     A missing file has no rows: []. RunError, saying how to fix it, for a folder, a non-UTF-8 file,
     a semicolon-separated file, a header without the `needed` columns, or a row with too many fields.

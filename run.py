@@ -179,7 +179,7 @@ def results_row(ts, dataset, n_train, breakdown, epoch_times, compile_time_s, m,
         **{f"{k}_lr": f"{s.lrs[k]:g}" if k in s.lrs and k != common.main_group(s.method) else ""
            for k in ("head", "norm")},
         "compile_time_s": f"{compile_time_s:.1f}" if s.compile else "",
-        "cpu": cpu.cpu_name(), "run_key": s.run_key,
+        "cpu": cpu.cpu_name(), "run_key": s.run_key, "weights_sha256": sources.weights_sha256(s),
     }
 
 

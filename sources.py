@@ -196,6 +196,15 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(s) -> str:
+    """The row's weights_sha256: the --weights file's hash, which names the weights wherever the file lives
+    (the weights column holds this machine's path); "" without a file, or if it is gone by the run's end."""
+    try:
+        return file_sha256(s.weights) if s.weights else ""
+    except OSError:  # the row must not be lost over it
+        return ""
+
+
 def create_model(s, num_classes: int):
     """common.build_model for these settings (s: flags.Settings, or evaluate.py's), from wherever the
     weights are: --no-pretrained, a checked --weights file, the hub cache of an earlier download, or a

@@ -4,10 +4,11 @@ seeds, and the mean time per epoch; then the best learning rate on validation an
 
 Rows are grouped by method + every setting that changes what is measured (dataset, img_size, train/val/eval
 samples, epochs, batch size, lr, head_lr, norm_lr, weight decay, LoRA r/alpha/dropout/targets, train_head,
-precision, backbone weights); never by seed, timestamp, timings, threads or torch version. So runs that
-differ in any setting are never averaged together. std is the sample standard deviation (ddof=1) over the
-runs of a group; a group with a single run shows "–" (one run has no spread). Files with the previous
-28-column header are read too (their newer columns count as blank).
+precision, backbone weights: a file by its name and sha256, so the same file on two machines is one
+setting); never by seed, timestamp, timings, threads or torch version. So runs that differ in any setting
+are never averaged together. std is the sample standard deviation (ddof=1) over the runs of a group; a
+group with a single run shows "–" (one run has no spread). Files with an earlier version's 38- or 28-column
+header are read too (their newer columns count as blank).
 
 what it prints:
   table            one row per group; "val acc@1" and "ECE after TS" (test ECE after temperature scaling
@@ -78,9 +79,16 @@ NOTES_START, NOTES_END = "<!-- results:start -->", "<!-- results:end -->"
 
 # ----------------------------------------------------------------------------- reading and grouping
 
-def weights_kind(value: str) -> str:
-    """'random-init(seed=3)' -> 'random-init': the backbone's seed is the run's seed, not a setting."""
-    return "random-init" if value.startswith("random-init") else value
+def weights_label(row) -> str:
+    """How the summary names a row's weights: 'random-init' (its seed is the run's seed, not a setting); a
+    file by its name and sha256 (weights_sha256), so a table made on another machine reads the same, and
+    by its path only in rows from before that column; else the weights column itself (timm:<hub tag>)."""
+    value, sha = row["weights"], row.get("weights_sha256", "")
+    if value.startswith("random-init"):
+        return "random-init"
+    if value.startswith("file:") and sha:
+        return f"{os.path.basename(value[len('file:'):])} (sha256 {sha[:8]}…{sha[-6:]})"
+    return value
 
 
 def is_random_init(value: str) -> bool:
@@ -113,12 +121,12 @@ def parse_numbers(row, path):
 
 
 def group_key(row) -> tuple:
-    return (row["method"],) + tuple(weights_kind(row[c]) if c == "weights" else row[c] for c in GROUP_COLUMNS)
+    return (row["method"],) + tuple(weights_label(row) if c == "weights" else row[c] for c in GROUP_COLUMNS)
 
 
 def shared_key(row) -> tuple:
     """An "experiment": the settings without the per-method ones (learning rates, LoRA flags)."""
-    return tuple(weights_kind(row[c]) if c == "weights" else row[c]
+    return tuple(weights_label(row) if c == "weights" else row[c]
                  for c in GROUP_COLUMNS if c not in METHOD_SPECIFIC)
 
 

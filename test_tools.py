@@ -849,6 +849,7 @@ class TestLocalWeights(unittest.TestCase):
         self.assertNotIn("downloading", out.stdout)
         row = dict(zip(common.CSV_COLUMNS, read_rows(results)[1]))
         self.assertEqual(row["weights"], "timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k")
+        self.assertEqual(row["weights_sha256"], "")  # the hub's file is named by its tag
 
     def test_missing_file(self):
         with self.assertRaises(common.RunError) as cm:
@@ -1107,6 +1108,7 @@ class TestEndToEnd(WithCheckpointFile, unittest.TestCase):
         self.assertEqual((row["epochs"], row["img_size"], row["train_samples"], row["eval_samples"]),
                          ("2", "32", "20", "20"))
         self.assertEqual(row["weights"], "file:" + self.ckpt)
+        self.assertEqual(row["weights_sha256"], sources.file_sha256(self.ckpt))
         want_pct = common.param_breakdown(evaluate.apply_method(vit(img_size=32), method))["pct"]
         self.assertAlmostEqual(float(row["tuned_params_%"]), want_pct, places=4)
         acc, ece = float(row["acc@1"]), float(row["ece"])
@@ -1634,10 +1636,12 @@ class TestResultsCSV(unittest.TestCase):
         # The tracked file is the user's log: only its header is checked (rows may have been appended,
         # and a log started by the previous version keeps its 28 columns).
         with open(os.path.join(HERE, "results_week1.csv"), encoding="utf-8") as f:
-            self.assertIn(results_file.parse_header(f.readline()), (common.CSV_COLUMNS, common.OLD_COLUMNS))
+            self.assertIn(results_file.parse_header(f.readline()), results_file.LAYOUTS)
         self.assertEqual(common.CSV_COLUMNS[:28], common.OLD_COLUMNS)  # the old order is kept
         self.assertEqual(common.CSV_COLUMNS[28:], ["val_samples", "val_acc@1", "val_ece", "temperature", "ece_ts",
-                                                   "head_lr", "norm_lr", "compile_time_s", "cpu", "run_key"])
+                                                   "head_lr", "norm_lr", "compile_time_s", "cpu", "run_key",
+                                                   "weights_sha256"])
+        self.assertEqual([len(c) for c in results_file.LAYOUTS], [39, 38, 28])
 
     def test_header_written_once(self):
         for i in range(3):
@@ -1726,11 +1730,27 @@ class TestOldAndExcelResultsFiles(unittest.TestCase):
         self.assertEqual(rows[0], common.OLD_COLUMNS)
         self.assertEqual(len(rows[-1]), 28)
         self.assertEqual(rows[-1][common.OLD_COLUMNS.index("seed")], "3")
-        # this version's layout: all 38 columns, no note
+        # this version's layout: all 39 columns, no note
         os.remove(self.path)
         with contextlib.redirect_stdout(io.StringIO()):
             self.assertEqual(common.append_result(self.path, results_row(run_key="abc")), "")
-        self.assertEqual(read_rows(self.path)[1][-1], "abc")
+        self.assertEqual(read_rows(self.path)[1][common.CSV_COLUMNS.index("run_key")], "abc")
+
+    def test_38_column_file_keeps_its_columns_and_is_told_what_it_misses(self):
+        """The layout before weights_sha256: rows stay 38 fields; the note names the one column left out."""
+        columns = results_file.LAYOUTS[1]
+        write_results(self.path, TestSummarize.ROWS[:3], columns=columns)
+        before = read_bytes(self.path)
+        self.assertEqual(results_file.check_results_file(self.path), columns)
+        with contextlib.redirect_stdout(io.StringIO()):
+            note = common.append_result(self.path, results_row(seed="3", weights_sha256="ab" * 32))
+        self.assertIn("38-column", note)
+        self.assertIn("left out: weights_sha256.", note)
+        self.assertTrue(read_bytes(self.path).startswith(before))
+        rows = read_rows(self.path)
+        self.assertEqual(rows[0], columns)
+        self.assertEqual([len(r) for r in rows[1:]], [38] * 4)
+        self.assertEqual(results_file.read_rows(self.path)[-1]["weights_sha256"], "")  # read as blank
 
     def test_byte_order_mark_is_read_and_appended_to(self):
         buf = io.StringIO()
@@ -2001,6 +2021,21 @@ class TestSummarize(unittest.TestCase):
         random_init = [g for g in groups if g["random_init"]]
         self.assertEqual(len(random_init), 1)  # the backbone seed is the run's seed, not a setting
         self.assertEqual(random_init[0]["runs"], 2)
+
+    def test_weights_file_named_by_name_and_sha256_not_by_path(self):
+        """One file on two machines is one setting, named the same; another file of that name is another."""
+        sha, other = "a9f6cd5d" + "0" * 50 + "a99cf3", "ff" * 32
+        rows = [results_row(seed=str(i), weights=f"file:{where}/w/deit.safetensors", weights_sha256=h)
+                for i, (where, h) in enumerate([("/home/ann", sha), ("/Users/bob", sha), ("/Users/bob", other)])]
+        rows.append(results_row(seed="3", weights="file:/home/ann/w/deit.safetensors"))  # before the column
+        groups = summarize.summarize(summarize.read_results(self._csv(rows)))
+        self.assertEqual(sorted((g["settings"]["weights"], g["runs"]) for g in groups),
+                         [("deit.safetensors (sha256 a9f6cd5d…a99cf3)", 2),
+                          ("deit.safetensors (sha256 ffffffff…ffffff)", 1), ("file:/home/ann/w/deit.safetensors", 1)])
+        text = run_summarize(self._csv(rows[:2])).stdout
+        self.assertIn("weights=deit.safetensors (sha256 a9f6cd5d…a99cf3)", text)
+        self.assertNotIn("/home/ann", text)
+        self.assertNotIn("/Users/bob", text)
 
     def _csv(self, rows):
         self.tmp = tempfile.TemporaryDirectory()
@@ -2447,6 +2482,10 @@ class TestBench(unittest.TestCase):
 
 # ============================================================================= notes.md
 
+# The DeiT-tiny file of every reference run, as ../shared/weights/README.md gives its sha256.
+REFERENCE_WEIGHTS_SHA256 = "a9f6cd5db5b367bcd318b5052971ed64b0c3bb13cb07d22ff68bcd00d0a99cf3"
+
+
 class TestNotes(unittest.TestCase):
     def block(self, name):
         text = read_bytes(os.path.join(HERE, "notes.md")).decode("utf-8")
@@ -2483,6 +2522,11 @@ class TestNotes(unittest.TestCase):
                          "`python summarize.py reference_results.csv --write-notes notes.md`")
         self.assertTrue(all(r["backbone"] == "deit_tiny_patch16_224" and r["weights"].startswith("file:")
                             and r["weights"].endswith("deit_tiny_patch16_224.in1k_lnq.safetensors") for r in rows))
+        # the weights by name and hash, never by the path of the machine that ran them
+        self.assertEqual({r["weights_sha256"] for r in rows}, {REFERENCE_WEIGHTS_SHA256})
+        self.assertIn("weights=deit_tiny_patch16_224.in1k_lnq.safetensors (sha256 a9f6cd5d…a99cf3)",
+                      self.block("results"))
+        self.assertNotIn("file:", self.block("results"))
 
     def test_results_table_has_no_random_init_numbers(self):
         block = self.block("results")
