@@ -26,7 +26,9 @@ what it prints:
 flags in detail:
   --reference METHOD  the method the others are compared with (default lora; one of linear, normtune,
                    lora, hybrid, full). If one setting has several reference groups (an lr sweep), the one
-                   best on validation is used when validation numbers exist, else each, labelled.
+                   best on validation is used when validation numbers exist, else each, labelled; the
+                   others are compared with it. A Hybrid is compared with the LoRA of its own r, alpha,
+                   dropout and targets where exactly one such group exists (the norms' share alone).
   --write-notes FILE  replace only the block between <!-- results:start --> and <!-- results:end --> in
                    FILE (notes.md) by the table, best lr and paired comparison of the rows with pretrained
                    weights (random-init rows are never written there; with none, the block says it is
@@ -449,6 +451,20 @@ def reference_groups(exp_groups, reference) -> tuple:
     return refs, "no validation numbers to choose one, so each is compared"
 
 
+LORA_COLUMNS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def own_reference(g, exp_groups, reference):
+    """The one reference-method group with g's own LoRA flags, if there is exactly one: a Hybrid is then
+    paired with the LoRA it adds norms to (attention-only with attention-only), so the difference is the
+    norms' share alone. None for groups without LoRA, groups of the reference method, or no single match."""
+    if g["method"] == reference or not g["settings"]["lora_r"]:
+        return None
+    same = [h for h in exp_groups if h["method"] == reference
+            and all(h["settings"][c] == g["settings"][c] for c in LORA_COLUMNS)]
+    return same[0] if len(same) == 1 else None
+
+
 def comparison_rows(g, ref, name) -> list:
     """Table lines of one method group against one reference group."""
     lines = []
@@ -480,8 +496,7 @@ def paired_section(groups, reference) -> str:
     head = ["| method | metric | pairs | difference (mean ± std) | 95 % CI | verdict |", "|---|---|--:|--:|--:|---|"]
     legend = experiment_legend(groups)
     for k, exp in enumerate(experiments(groups)):
-        others = [g for g in exp if g["method"] != reference]
-        if not others:
+        if all(g["method"] == reference for g in exp):
             continue
         where = legend[k] if legend else ""  # legend lines say which setting each table is about
         refs, note = reference_groups(exp, reference)
@@ -494,10 +509,11 @@ def paired_section(groups, reference) -> str:
         if where:
             lines += [where, ""]
         lines += head
-        for g in others:
-            for ref in refs:
+        for g in [g for g in exp if g not in refs]:  # other methods, and the reference method's other groups
+            own = own_reference(g, exp, reference)
+            for ref in [own] if own else refs:
                 name = describe(g, groups, with_setting=False)
-                if len(refs) > 1:
+                if len(refs) > 1 or ref is not refs[0]:  # not the reference named above the table
                     name += " vs " + describe(ref, groups, with_setting=False)
                 lines += comparison_rows(g, ref, name)
         lines.append("")

@@ -2204,6 +2204,26 @@ class TestPairedComparison(unittest.TestCase):
             self.assertNotIn("Traceback", proc.stderr)
 
 
+    def test_hybrid_paired_with_the_lora_of_its_own_targets(self):
+        """Attention-only and all-layer LoRA in one setting: each Hybrid against the LoRA it adds norms to,
+        the other LoRA against the one chosen on validation (all-layer here: val 90 > 80)."""
+        attn = dict(lora_targets="qkv,proj", val_samples="1000")
+        val = lambda v: {"val_acc@1": str(v), "val_ece": "1.0"}  # noqa: E731
+        rows = ([lora_row(s, a, val_samples="1000", **val(90)) for s, a in enumerate((80, 82, 84))]
+                + [lora_row(s, a, **attn, **val(80)) for s, a in enumerate((70, 71, 72))]
+                + [other_row("hybrid", s, a, 3, val_samples="1000", **val(90)) for s, a in enumerate((81, 83, 85))]
+                + [other_row("hybrid", s, a, 3, **attn, **val(80)) for s, a in enumerate((75, 77, 79))]
+                + [other_row("normtune", s, a, 3, val_samples="1000", **val(85)) for s, a in enumerate((60, 62, 64))])
+        write_results(self.path, rows)
+        t = self.table()
+        self.assertIn("| 3 | +1.00 ± 0.00 |", t[("Hybrid targets=qkv,proj,fc1,fc2", "acc@1")])
+        self.assertIn("| 3 | +6.00 ± 1.00 |",
+                      t[("Hybrid targets=qkv,proj vs LoRA targets=qkv,proj", "acc@1")])
+        self.assertIn("| 3 | -11.00 ± 1.00 |", t[("LoRA targets=qkv,proj", "acc@1")])  # vs the chosen LoRA
+        self.assertIn("| 3 | -20.00 ± 0.00 |", t[("NormTune", "acc@1")])  # no LoRA flags: the chosen LoRA
+        self.assertEqual(len([k for k in t if k[1] == "acc@1"]), 4)
+
+
 class TestBestLrOnValidation(unittest.TestCase):
     # lr 0.003 has the better TEST accuracy, lr 0.001 the better VALIDATION accuracy; 0.003 comes first
     ROWS = ([lora_row(s, a, lr="0.003", val_samples="5000", **{"val_acc@1": v, "val_ece": "2.0"})
