@@ -496,12 +496,15 @@ def paired_section(groups, reference) -> str:
     head = ["| method | metric | pairs | difference (mean ± std) | 95 % CI | verdict |", "|---|---|--:|--:|--:|---|"]
     legend = experiment_legend(groups)
     for k, exp in enumerate(experiments(groups)):
-        if all(g["method"] == reference for g in exp):
-            continue
         where = legend[k] if legend else ""  # legend lines say which setting each table is about
         refs, note = reference_groups(exp, reference)
         if not refs:
             lines += [f"{where}: no {ref_label} run with these settings, nothing to pair with.", ""]
+            continue
+        others = [g for g in exp if g not in refs]  # other methods, and the reference method's other groups
+        if not others:
+            if where:  # said, so that the numbers of the settings have no gap
+                lines += [f"{where}: only {ref_label} runs with these settings, nothing to compare.", ""]
             continue
         if note:
             chosen = ", ".join(describe(r, groups, with_setting=False) for r in refs)
@@ -509,7 +512,7 @@ def paired_section(groups, reference) -> str:
         if where:
             lines += [where, ""]
         lines += head
-        for g in [g for g in exp if g not in refs]:  # other methods, and the reference method's other groups
+        for g in others:
             own = own_reference(g, exp, reference)
             for ref in [own] if own else refs:
                 name = describe(g, groups, with_setting=False)

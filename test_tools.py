@@ -2224,6 +2224,15 @@ class TestPairedComparison(unittest.TestCase):
         self.assertEqual(len([k for k in t if k[1] == "acc@1"]), 4)
 
 
+    def test_a_setting_with_only_the_reference_is_named(self):
+        """No gap in the settings' numbers: a setting with LoRA alone says there is nothing to compare."""
+        write_results(self.path, self.ROWS[:6] + [lora_row(s, 70 + s, img_size="112") for s in range(3)])
+        out = run_summarize(self.path).stdout
+        self.assertIn("setting 1: img=224\n", out)
+        self.assertIn("setting 2: img=112: only LoRA runs with these settings, nothing to compare.", out)
+        self.assertIn("| NormTune | acc@1 | 3 | -10.00 ± 1.00 |", out)
+
+
 class TestBestLrOnValidation(unittest.TestCase):
     # lr 0.003 has the better TEST accuracy, lr 0.001 the better VALIDATION accuracy; 0.003 comes first
     ROWS = ([lora_row(s, a, lr="0.003", val_samples="5000", **{"val_acc@1": v, "val_ece": "2.0"})
