@@ -2203,7 +2203,6 @@ class TestPairedComparison(unittest.TestCase):
             self.assertIn(words, proc.stderr)
             self.assertNotIn("Traceback", proc.stderr)
 
-
     def test_hybrid_paired_with_the_lora_of_its_own_targets(self):
         """Attention-only and all-layer LoRA in one setting: each Hybrid against the LoRA it adds norms to,
         the other LoRA against the one chosen on validation (all-layer here: val 90 > 80)."""
