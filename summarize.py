@@ -16,7 +16,8 @@ what it prints:
   duplicates       a method + settings + seed that appears more than once counts once: the last (newest)
                    row is kept, and one line names the dropped lines.
   best lr on val   for each method whose groups differ only in lr/head_lr/norm_lr and have validation
-                   numbers: those groups, with the best mean val acc@1 marked. Test numbers never choose.
+                   numbers: those groups, with the best mean val acc@1 marked ('tied best' on a tie,
+                   which is not broken). Test numbers never choose.
   paired           runs of two methods with the same seed and settings saw the same data subset, order
                    and head init, so per seed the difference method - reference is fair. For each method:
                    mean ± std of the differences in acc@1, ECE (and ECE after TS), the number of pairs,
@@ -26,8 +27,8 @@ what it prints:
 flags in detail:
   --reference METHOD  the method the others are compared with (default lora; one of linear, normtune,
                    lora, hybrid, full). If one setting has several reference groups (an lr sweep), the one
-                   best on validation is used when validation numbers exist, else each, labelled; the
-                   others are compared with it. A Hybrid is compared with the LoRA of its own r, alpha,
+                   best on validation is used when validation numbers exist (each tied one on a tie), else
+                   each, labelled; the others are compared with it. A Hybrid is compared with the LoRA of its own r, alpha,
                    dropout and targets where exactly one such group exists (the norms' share alone).
   --write-notes FILE  replace only the block between <!-- results:start --> and <!-- results:end --> in
                    FILE (notes.md) by the table, best lr and paired comparison of the rows with pretrained
@@ -318,10 +319,12 @@ def lr_sweeps(groups) -> list:
     return [s for s in sweeps.values() if len(s) > 1]
 
 
-def best_on_validation(groups):
-    """The group with the highest mean val acc@1 (the first such in table order on a tie). Only
-    validation numbers choose: choosing by test accuracy would make the test number optimistic."""
-    return max(groups, key=lambda g: g["val_acc"][0])
+def best_on_validation(groups) -> list:
+    """The group(s) with the highest mean val acc@1, as shown (2 decimals): more than one on a tie,
+    which validation then cannot break. Only validation numbers choose: choosing by test accuracy
+    would make the test number optimistic."""
+    top = max(round(g["val_acc"][0], 2) for g in groups)
+    return [g for g in groups if round(g["val_acc"][0], 2) == top]
 
 
 def best_lr_table(groups) -> str:
@@ -334,13 +337,14 @@ def best_lr_table(groups) -> str:
              "|---|--:|--:|--:|--:|--:|--:|---|"]
     for sweep in sweeps:
         best = best_on_validation(sweep)
+        mark = "**best**" if len(best) == 1 else "tied best"
         for g in sweep:
             s = g["settings"]
             val_ece = "–" if g["val_ece"] is None else fmt_mean_std(g["val_ece"])
             lrs = " | ".join(s[c] or "–" for c in LR_COLUMNS)
             lines.append(f"| {describe(g, groups, exclude=LR_COLUMNS)} | {lrs} | {fmt_mean_std(g['val_acc'])} | "
                          f"{val_ece} | {g['val_n']} | "
-                         f"{'**best**' if g is best else ''} |")
+                         f"{mark if any(g is b for b in best) else ''} |")
     return "\n".join(lines)
 
 
@@ -447,7 +451,10 @@ def reference_groups(exp_groups, reference) -> tuple:
     with_val = [g for g in refs if g["val_acc"] is not None]
     if with_val:
         label = METHOD_LABEL.get(reference, reference)
-        return [best_on_validation(with_val)], f"best val acc@1 of the {len(refs)} {label} groups"
+        best = best_on_validation(with_val)
+        if len(best) == 1:
+            return best, f"best val acc@1 of the {len(refs)} {label} groups"
+        return best, f"{len(best)} of the {len(refs)} {label} groups tie on val acc@1, so each is compared"
     return refs, "no validation numbers to choose one, so each is compared"
 
 

@@ -2263,6 +2263,19 @@ class TestBestLrOnValidation(unittest.TestCase):
         self.assertIn("| NormTune | acc@1 | 3 | -10.00 ± 1.00 |", out)
         self.assertIn("val acc@1 %", out.split("Best learning rate")[0])  # the column in the summary table
 
+    def test_tie_is_not_broken(self):
+        # both rates reach val 81.00 on average: neither may be called best, and NormTune is paired with each
+        rows = [dict(r, **{"val_acc@1": str(float(r["val_acc@1"]) + 10)}) if r["lr"] == "0.003" else r
+                for r in self.ROWS]
+        out = self.run_on(rows)
+        rows_out = summary_table_lines(out, "Best learning rate on validation")
+        self.assertEqual(len(rows_out), 2, out)
+        self.assertNotIn("**best**", out.split("Paired differences")[0])
+        self.assertEqual(sum("| tied best |" in r for r in rows_out), 2, out)
+        self.assertIn("2 of the 2 LoRA groups tie on val acc@1, so each is compared", out)
+        self.assertIn("| NormTune vs LoRA lr=0.003 | acc@1 |", out)
+        self.assertIn("| NormTune vs LoRA lr=0.001 | acc@1 |", out)
+
     def test_without_validation_numbers_no_choice(self):
         rows = [dict(r, **{"val_acc@1": "", "val_ece": ""}) for r in self.ROWS]
         out = self.run_on(rows)
