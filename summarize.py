@@ -28,8 +28,9 @@ flags in detail:
   --reference METHOD  the method the others are compared with (default lora; one of linear, normtune,
                    lora, hybrid, full). If one setting has several reference groups (an lr sweep), the one
                    best on validation is used when validation numbers exist (each tied one on a tie), else
-                   each, labelled; the others are compared with it. A Hybrid is compared with the LoRA of its own r, alpha,
-                   dropout and targets where exactly one such group exists (the norms' share alone).
+                   each, labelled; the others are compared with it. A Hybrid is compared with the LoRA of
+                   its own r, alpha, dropout and targets where exactly one such group exists (the norms'
+                   share alone).
   --write-notes FILE  replace only the block between <!-- results:start --> and <!-- results:end --> in
                    FILE (notes.md) by the table, best lr and paired comparison of the rows with pretrained
                    weights (random-init rows are never written there; with none, the block says it is
