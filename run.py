@@ -6,7 +6,8 @@ fit_and_report(model, data, s) is what every train_*.py calls once its recipe ha
               --resume continuing a stopped run bit for bit
   evaluate()  LoRA merged (one matmul per layer): test metrics, and with --val-samples the validation
               metrics and a temperature fitted there (the test set is never used to fit anything)
-  report()    the results row (results_file.py), the calibration JSON beside it, --save-adapter
+  report()    the results row (results_file.py), the calibration JSON and logits .npz beside it,
+              --save-adapter
 """
 import datetime
 import json
@@ -138,7 +139,8 @@ def evaluate(model, val, test: common.Split, s) -> dict:
     logits = common.predict(model, test.images, s.batch_size, s.img_size, mean, std, s.precision)
     val_logits = common.predict(model, val.images, s.batch_size, s.img_size, mean, std, s.precision) if val else None
     lora.unmerge_lora(model)
-    m = dict(eval_time=time.perf_counter() - t0, labels=test.labels.numpy(), probs=common.softmax(logits))
+    m = dict(eval_time=time.perf_counter() - t0, labels=test.labels.numpy(), probs=common.softmax(logits),
+             logits=logits, val_logits=val_logits, val_labels=val.labels.numpy() if val else None)
     m["acc"] = common.accuracy(m["probs"], m["labels"])
     m["ece"] = 100.0 * common.expected_calibration_error(m["probs"], m["labels"])
     print(f"acc@1 {m['acc']:.2f} %  ece {m['ece']:.2f} %  ({len(m['labels'])} test images, {m['eval_time']:.1f}s)")
@@ -186,7 +188,7 @@ def results_row(ts, dataset, n_train, breakdown, epoch_times, compile_time_s, m,
 def report(model, dataset: str, train_split, breakdown, epoch_times, compile_time_s, m: dict, s) -> dict:
     """Append the row (the run's result), then drop its checkpoint and save the adapter."""
     ts = datetime.datetime.now().isoformat(timespec="seconds")
-    calibration_file = write_calibration(s.results, ts, s.method, m["probs"], m["labels"], m["ece"])
+    calibration_file = write_calibration(s.results, ts, s.method, m)
     row = results_row(ts, dataset, len(train_split.labels), breakdown, epoch_times, compile_time_s, m, s,
                       calibration_file)
     try:
@@ -208,9 +210,10 @@ def report(model, dataset: str, train_split, breakdown, epoch_times, compile_tim
     return row
 
 
-def write_calibration(results_path, ts, method, probs, labels, ece) -> str:
-    """Per-bin reliability numbers as a small JSON beside the CSV; returns its path relative to it."""
-    conf, acc, count = common.calibration_bins(probs, labels)
+def write_calibration(results_path, ts, method, m: dict) -> str:
+    """Per-bin reliability numbers as a small JSON beside the CSV, and the run's logits and labels in an
+    .npz of the same name (named in the JSON as logits_file); returns the JSON's path relative to the CSV."""
+    conf, acc, count = common.calibration_bins(m["probs"], m["labels"])
     folder = os.path.splitext(results_path)[0] + "_calibration"
     os.makedirs(folder, exist_ok=True)
     stem = f"{ts.replace('-', '').replace(':', '')}_{method}"
@@ -218,13 +221,28 @@ def write_calibration(results_path, ts, method, probs, labels, ece) -> str:
         path = os.path.join(folder, stem + (f"_{k}" if k else "") + ".json")
         try:
             with open(path, "x") as f:
-                json.dump(dict(ts=ts, method=method, n_bins=len(count), ece=ece,
+                logits_file = write_logits(path[:-len(".json")] + ".npz", m)
+                json.dump(dict(ts=ts, method=method, n_bins=len(count), ece=m["ece"],
                                bin_edges=np.linspace(0, 1, len(count) + 1).tolist(), confidence=conf.tolist(),
-                               accuracy=acc.tolist(), count=count.tolist()), f, indent=1)
+                               accuracy=acc.tolist(), count=count.tolist(), logits_file=logits_file), f, indent=1)
             return os.path.relpath(path, os.path.dirname(results_path))
         except FileExistsError:
             continue
     raise RunError(f"could not create a calibration file in {folder}")
+
+
+def write_logits(path: str, m: dict) -> str:
+    """test_logits / test_labels (and val_logits / val_labels with --val-samples) in a compressed .npz
+    (about 0.4 MB for 10,000 x 10); returns its file name, relative to the calibration JSON. The logits
+    stay float32, exactly as evaluated: float16 would move an ECE that sits on a rounding edge by 0.01,
+    and every number of the row must come back from the file exactly."""
+    arrays = dict(test_logits=np.asarray(m["logits"], dtype=np.float32), test_labels=m["labels"].astype(np.int16))
+    if m.get("val_logits") is not None:
+        arrays.update(val_logits=np.asarray(m["val_logits"], dtype=np.float32),
+                      val_labels=m["val_labels"].astype(np.int16))
+    with open(path, "xb") as f:  # np.savez_compressed would add ".npz" to a name; a file object it takes as is
+        np.savez_compressed(f, **arrays)
+    return os.path.basename(path)
 
 
 def save_adapter(path, model, s, compile_time_s: float, meta: dict):

@@ -1087,6 +1087,25 @@ class TestFailedRuns(unittest.TestCase):
 
 # ============================================================================= run (run.py: whole runs of the scripts)
 
+class TestLogitsFile(unittest.TestCase):
+    """run.write_logits: the run's logits and labels, stored exactly."""
+
+    def test_file_holds_test_and_validation(self):
+        rng = np.random.default_rng(1)
+        m = dict(logits=rng.normal(size=(7, 3)), labels=np.arange(7) % 3,
+                 val_logits=rng.normal(size=(4, 3)), val_labels=np.arange(4) % 3)
+        with tempfile.TemporaryDirectory() as tmp:
+            name = run.write_logits(os.path.join(tmp, "x_lora.npz"), m)
+            self.assertEqual(name, "x_lora.npz")
+            with np.load(os.path.join(tmp, name)) as z:
+                self.assertEqual(sorted(z.files), ["test_labels", "test_logits", "val_labels", "val_logits"])
+                self.assertEqual(z["test_logits"].dtype, np.float32)
+                np.testing.assert_array_equal(z["test_logits"], m["logits"].astype(np.float32))
+                self.assertEqual(z["val_labels"].tolist(), [0, 1, 2, 0])
+            with self.assertRaises(FileExistsError):  # never overwrites another run's file
+                run.write_logits(os.path.join(tmp, "x_lora.npz"), m)
+
+
 @needs_real_data
 class TestEndToEnd(WithCheckpointFile, unittest.TestCase):
     """Each script on 20 real CIFAR-10 images at 32 px, with a checkpoint written here (Hybrid in a real
@@ -1119,6 +1138,14 @@ class TestEndToEnd(WithCheckpointFile, unittest.TestCase):
         self.assertAlmostEqual(float(row["time_per_epoch_s"]), float(row["train_time_s"]) / 2, delta=0.1)
         self.assertIn(row["precision"], ("fp32", "bf16"))
         self.assertTrue(os.path.isfile(os.path.join(self.tmp.name, row["calibration_file"])))
+        # the predictions file named in the JSON gives back the row's acc@1 and ECE
+        with open(os.path.join(self.tmp.name, row["calibration_file"])) as f:
+            logits_file = json.load(f)["logits_file"]
+        with np.load(os.path.join(self.tmp.name, os.path.dirname(row["calibration_file"]), logits_file)) as z:
+            probs, labels = common.softmax(z["test_logits"]), z["test_labels"]
+        self.assertEqual(len(labels), 20)
+        self.assertEqual(f"{common.accuracy(probs, labels):.2f}", row["acc@1"])
+        self.assertEqual(f"{100 * common.expected_calibration_error(probs, labels):.2f}", row["ece"])
 
     def test_lora(self):
         self.check_run("lora")
