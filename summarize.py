@@ -18,11 +18,17 @@ what it prints:
   best lr on val   for each method whose groups differ only in lr/head_lr/norm_lr and have validation
                    numbers: those groups, with the best mean val acc@1 marked ('tied best' on a tie,
                    which is not broken). Test numbers never choose.
+  logits check     rows whose calibration JSON names a logits file (.npz, written by every run since
+                   it existed): acc@1, ECE, validation numbers, temperature and ECE after TS recomputed
+                   from the saved logits, each compared with the row; one line says they agree or names
+                   each number that does not. Older rows without the file are read as before.
   paired           runs of two methods with the same seed and settings saw the same data subset, order
                    and head init, so per seed the difference method - reference is fair. For each method:
                    mean ± std of the differences in acc@1, ECE (and ECE after TS), the number of pairs,
                    the 95 % confidence interval of the mean difference (Student t) and a verdict: better,
-                   worse, or not distinguishable from seed noise. For ECE lower is better.
+                   worse, or not distinguishable from seed noise (for acc@1 with the pairs an exact
+                   noncentral-t power computation says would give 80 % power if the observed mean and std
+                   were the truth). For ECE lower is better.
 
 flags in detail:
   --reference METHOD  the method the others are compared with (default lora; one of linear, normtune,
@@ -47,6 +53,7 @@ missing file, 1 a file that cannot be read or written, or --plots without matplo
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -349,45 +356,34 @@ def best_lr_table(groups) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- Student t (numpy/math only)
+# ----------------------------------------------------------------------------- Student t and power (numpy/math only)
 
-def _beta_continued_fraction(a, b, x):
-    """Continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes 6.4)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),            # even step
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # odd step
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            h *= c * d
-        if abs(c * d - 1.0) < 1e-15:
-            break
-    return h
+_normal_sf = np.frompyfunc(lambda x: 0.5 * math.erfc(x / math.sqrt(2.0)), 1, 1)  # P(Z > x), elementwise
 
 
-def regularized_beta(a, b, x) -> float:
-    """I_x(a, b), the CDF of a Beta(a, b) variable at x."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):  # the fraction converges fast on this side; use symmetry on the other
-        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
+def t_sf(c: float, df: float, ncp: float = 0.0) -> float:
+    """P(T > c) for T = (Z + ncp) / sqrt(V / df), Z ~ N(0, 1) and V ~ chi-square(df) independent: Student's
+    t for ncp = 0, the noncentral t of a power computation otherwise. Given U = sqrt(V), T > c exactly
+    when Z > c U / sqrt(df) - ncp, so P(T > c) = E[P(Z > c U / sqrt(df) - ncp)]: one integral over U's
+    chi density, by Simpson's rule on 4,001 points where that density lives (sqrt(df) ± 12)."""
+    if df < 1:
+        raise ValueError(f"t_sf needs df >= 1, got {df}")
+    u = np.linspace(max(0.0, math.sqrt(df) - 12.0), math.sqrt(df) + 12.0, 4001)
+    with np.errstate(divide="ignore"):  # log(0) at u = 0: density 0 there (or sqrt(2/pi) for df = 1)
+        log_density = ((df - 1) * np.log(u) - u * u / 2 - (df / 2 - 1) * math.log(2) - math.lgamma(df / 2)
+                       if df > 1 else np.log(math.sqrt(2 / math.pi)) - u * u / 2)
+    f = np.exp(log_density) * _normal_sf(c * u / math.sqrt(df) - ncp).astype(np.float64)
+    weights = np.ones_like(u)
+    weights[1:-1:2], weights[2:-1:2] = 4.0, 2.0
+    return float(np.dot(weights, f) * (u[1] - u[0]) / 3.0)
 
 
 def t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with df degrees of freedom: P(|T| > |t|) = I_{df/(df+t²)}(df/2, 1/2)."""
-    tail = 0.5 * regularized_beta(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
+    """P(T <= t) for Student's t with df degrees of freedom."""
+    return 1.0 - t_sf(t, df)
 
 
+@functools.lru_cache(maxsize=None)
 def t_quantile(p: float, df: float) -> float:
     """The t with t_cdf(t, df) = p, by bisection (t_cdf increases); e.g. t_quantile(0.975, 2) = 4.303."""
     if not 0.0 < p < 1.0 or df <= 0:
@@ -397,12 +393,27 @@ def t_quantile(p: float, df: float) -> float:
     lo, hi = 0.0, 1.0
     while t_cdf(hi, df) < p:
         lo, hi = hi, hi * 2.0
-    for _ in range(200):
+    while hi - lo > 1e-10 * hi:
         mid = (lo + hi) / 2.0
         lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-        if hi - lo <= 1e-12 * hi:
-            break
     return (lo + hi) / 2.0
+
+
+def paired_power(effect: float, sd: float, n: int, alpha: float = 0.05) -> float:
+    """Power of the two-sided paired t-test at level alpha with n pairs, if the true mean difference is
+    `effect` and the per-pair std `sd`: P(|T| > t_{1-alpha/2, n-1}) for T noncentral t with n - 1 degrees
+    of freedom and noncentrality effect / sd * sqrt(n) (exact, no normal approximation)."""
+    df, ncp = n - 1, effect / sd * math.sqrt(n)
+    c = t_quantile(1.0 - alpha / 2.0, df)
+    return t_sf(c, df, ncp) + 1.0 - t_sf(-c, df, ncp)
+
+
+def pairs_for_power(effect: float, sd: float, power: float = 0.8, alpha: float = 0.05, most: int = 1000):
+    """The fewest pairs (>= 2) whose paired t-test has at least `power` for `effect` (None if over `most`)."""
+    for n in range(2, most + 1):
+        if paired_power(effect, sd, n, alpha) >= power:
+            return n
+    return None
 
 
 # ----------------------------------------------------------------------------- paired comparisons
@@ -431,8 +442,9 @@ def paired_stats(diffs, confidence=0.95) -> dict:
     return dict(n=n, mean=mean, std=std, ci=(mean - half, mean + half))
 
 
-def verdict(stats, lower_is_better=False) -> str:
-    """'better' or 'worse' only when the whole interval is on one side of 0."""
+def verdict(stats, lower_is_better=False, with_power=False) -> str:
+    """'better' or 'worse' only when the whole interval is on one side of 0. with_power: an undecided
+    one also says how many pairs would give 80 % power if the observed mean and std were the truth."""
     if stats["ci"] is None:
         return "one pair: no interval, cannot tell (run more seeds)"
     lo, hi = stats["ci"]
@@ -440,7 +452,12 @@ def verdict(stats, lower_is_better=False) -> str:
         return "worse" if lower_is_better else "better"
     if hi < 0:
         return "better" if lower_is_better else "worse"
-    return f"not distinguishable from seed noise with {stats['n']} seeds"
+    text = f"not distinguishable from seed noise with {stats['n']} seeds"
+    if with_power and stats["std"] > 0 and stats["mean"] != 0:
+        n = pairs_for_power(abs(stats["mean"]), stats["std"])
+        text += (f"; 80 % power at this mean and std needs {n} pairs" if n
+                 else "; this mean is too small against its std for 80 % power with 1,000 pairs")
+    return text
 
 
 def reference_groups(exp_groups, reference) -> tuple:
@@ -485,7 +502,7 @@ def comparison_rows(g, ref, name) -> list:
         std = "–" if stats["std"] is None else f"{stats['std']:.2f}"
         ci = "– (one pair)" if stats["ci"] is None else f"[{stats['ci'][0]:+.2f}, {stats['ci'][1]:+.2f}]"
         lines.append(f"| {name} | {label} | {stats['n']} | {stats['mean']:+.2f} ± {std} | {ci} | "
-                     f"{verdict(stats, lower_is_better)} |")
+                     f"{verdict(stats, lower_is_better, with_power=column == 'acc@1')} |")
     return lines
 
 
@@ -572,7 +589,7 @@ def read_notes(path) -> str:
         raise RunError(f"--write-notes {path} could not be read as UTF-8 text ({e}); it was left untouched.")
 
 
-def notes_block(groups, dropped, results_path, notes_path, reference_flag) -> str:
+def notes_block(groups, dropped, results_path, notes_path, reference_flag, logits_line="") -> str:
     """The block for notes.md: where it came from, the command that made it, then report(); byte-stable
     for the same input (paths relative to the notes file, no timestamps)."""
     source = _relative_to(results_path, notes_path)
@@ -587,7 +604,7 @@ def notes_block(groups, dropped, results_path, notes_path, reference_flag) -> st
     origin = (f"Generated from `{source}` by `{command}`: rows with pretrained weights only (random-init smoke tests "
               f"are never written here), {runs} run(s) in {len(groups)} group(s). Run the command again to refresh "
               f"this block; edits inside it are overwritten.")
-    parts = [origin, duplicates_line(dropped), report(groups, reference_flag or DEFAULT_REFERENCE)]
+    parts = [origin, duplicates_line(dropped), logits_line, report(groups, reference_flag or DEFAULT_REFERENCE)]
     return "\n\n".join(p for p in parts if p)
 
 
@@ -852,6 +869,66 @@ def check_flags(args):
     return text
 
 
+# ----------------------------------------------------------------------------- the rows against their logits
+
+RECOMPUTED = (("acc@1", 2), ("ece", 2), ("val_acc@1", 2), ("val_ece", 2), ("temperature", 4), ("ece_ts", 2))
+
+
+def logits_of(row, results_path):
+    """The arrays of the row's logits file (named in its calibration JSON), or None for a row without
+    one (older rows, or a file no longer there)."""
+    folder = os.path.dirname(os.path.abspath(results_path))
+    calibration = os.path.join(folder, row.get("calibration_file") or "")
+    try:
+        with open(calibration) as f:
+            name = json.load(f).get("logits_file")
+        if not name:
+            return None
+        with np.load(os.path.join(os.path.dirname(calibration), name)) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError):
+        return None
+
+
+def recompute(arrays) -> dict:
+    """The row's metrics from its logits alone, as the run computed them (common.py's functions)."""
+    import common  # imports torch: only when a logits file is there to check
+    probs, labels = common.softmax(arrays["test_logits"]), arrays["test_labels"]
+    out = {"acc@1": common.accuracy(probs, labels), "ece": 100 * common.expected_calibration_error(probs, labels)}
+    if "val_logits" in arrays:
+        val_logits, val_labels = arrays["val_logits"], arrays["val_labels"]
+        t = common.fit_temperature(val_logits, val_labels)
+        val_probs = common.softmax(val_logits)
+        out.update({"val_acc@1": common.accuracy(val_probs, val_labels), "temperature": t,
+                    "val_ece": 100 * common.expected_calibration_error(val_probs, val_labels),
+                    "ece_ts": 100 * common.expected_calibration_error(common.softmax(arrays["test_logits"], t),
+                                                                      labels)})
+    return out
+
+
+def check_logits(rows, results_path) -> str:
+    """One line: how many rows' acc@1, ECE (and validation numbers, temperature, ECE after TS) were
+    recomputed from their logits files, and every number that disagrees with its row ('' if none has one)."""
+    checked, wrong = 0, []
+    for row in rows:
+        arrays = logits_of(row, results_path)
+        if arrays is None:
+            continue
+        checked += 1
+        for column, value in recompute(arrays).items():
+            digits = dict(RECOMPUTED)[column]
+            if row.get(column) is None or f"{row[column]:.{digits}f}" != f"{value:.{digits}f}":
+                wrong.append(f"line {row['_line']} ({row['method']} seed {row['seed']}): {column} "
+                             f"{row.get(column)} in the row, {value:.{digits}f} from its logits")
+    if not checked:
+        return ""
+    head = (f"Recomputed from the saved logits ({checked} of {len(rows)} runs have a logits file): acc@1, ECE, "
+            f"and where a validation split was held out its acc@1, ECE, the temperature and the ECE after it")
+    if not wrong:
+        return head + ": every number agrees with its row."
+    return head + f": {len(wrong)} disagree: " + "; ".join(wrong) + "."
+
+
 def print_summary(path, rows, dropped, reference):
     if not rows:
         print(f"{path} has no runs yet (only the header). Fill it with ./run_week1.sh --seeds 0 1 2, "
@@ -861,6 +938,9 @@ def print_summary(path, rows, dropped, reference):
     print(f"{path}: {len(rows)} run(s) in {len(groups)} group(s)\n")
     if dropped:
         print(duplicates_line(dropped) + "\n")
+    logits_line = check_logits(rows, path)
+    if logits_line:
+        print(logits_line + "\n")
     print(report(groups, reference))
 
 
@@ -868,7 +948,8 @@ def results_block(rows, dropped, results_path, notes_path, reference_flag=None) 
     """What --write-notes puts between the markers: the summary of the pretrained rows only."""
     pretrained = [r for r in rows if not is_random_init(r["weights"])]
     dropped = [(r, kept) for r, kept in dropped if not is_random_init(r["weights"])]
-    return notes_block(summarize(pretrained), dropped, results_path, notes_path, reference_flag)
+    return notes_block(summarize(pretrained), dropped, results_path, notes_path, reference_flag,
+                       check_logits(pretrained, results_path))
 
 
 def update_notes(args, notes_text, rows, dropped):

@@ -2162,6 +2162,85 @@ class TestStudentT(unittest.TestCase):
             summarize.t_quantile(1.0, 3)
 
 
+class TestPower(unittest.TestCase):
+    """summarize.paired_power / pairs_for_power: the exact noncentral-t power of a paired t-test."""
+
+    def test_r_power_t_test_example(self):
+        # R's ?power.t.test example: power.t.test(n = 20, delta = 1) -> power = 0.8689528 (two samples of 20,
+        # sd 1, two-sided 5 %, counting the upper tail): 38 degrees of freedom, noncentrality sqrt(20 / 2)
+        c = summarize.t_quantile(0.975, 38)
+        self.assertAlmostEqual(summarize.t_sf(c, 38, math.sqrt(10)), 0.8689528, places=6)
+
+    def test_no_effect_has_power_alpha(self):
+        for n in (3, 10):
+            self.assertAlmostEqual(summarize.paired_power(0.0, 1.0, n), 0.05, places=6)
+
+    def test_pairs_for_the_hybrid_gap(self):
+        # +0.33 points with a paired std of 0.38: 13 pairs reach 80 %, 12 do not (issue 25's numbers)
+        self.assertEqual(summarize.pairs_for_power(0.33, 0.38), 13)
+        self.assertLess(summarize.paired_power(0.33, 0.38, 12), 0.8)
+        self.assertGreaterEqual(summarize.paired_power(0.33, 0.38, 13), 0.8)
+        self.assertEqual(summarize.pairs_for_power(0.3, 0.4), 16)
+        # power grows with the pairs and with the effect
+        self.assertLess(summarize.paired_power(0.2, 0.38, 10), summarize.paired_power(0.33, 0.38, 10))
+        self.assertLess(summarize.paired_power(0.33, 0.38, 5), summarize.paired_power(0.33, 0.38, 10))
+
+
+class TestLogitsCheck(unittest.TestCase):
+    """summarize.py recomputes a row's numbers from its logits file and says when one disagrees."""
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.path = os.path.join(tmp.name, "r.csv")
+        rng = np.random.default_rng(0)
+        labels = np.arange(40) % 4
+        logits = rng.normal(size=(40, 4)) + 3.0 * np.eye(4)[labels] * (rng.random(40) < 0.8)[:, None]
+        val_labels = np.arange(20) % 4
+        val_logits = rng.normal(size=(20, 4)) + 2.0 * np.eye(4)[val_labels]
+        folder = os.path.join(tmp.name, "r_calibration")
+        os.makedirs(folder)
+        m = dict(logits=logits, labels=labels, val_logits=val_logits, val_labels=val_labels)
+        name = run.write_logits(os.path.join(folder, "a_lora.npz"), m)
+        with open(os.path.join(folder, "a_lora.json"), "w") as f:
+            json.dump(dict(logits_file=name), f)
+        probs, val_probs = common.softmax(logits), common.softmax(val_logits)
+        t = common.fit_temperature(val_logits, val_labels)
+        self.numbers = {"acc@1": f"{common.accuracy(probs, labels):.2f}",
+                        "ece": f"{100 * common.expected_calibration_error(probs, labels):.2f}",
+                        "val_acc@1": f"{common.accuracy(val_probs, val_labels):.2f}",
+                        "val_ece": f"{100 * common.expected_calibration_error(val_probs, val_labels):.2f}",
+                        "temperature": f"{t:.4f}",
+                        "ece_ts": f"{100 * common.expected_calibration_error(common.softmax(logits, t), labels):.2f}"}
+        self.rows = [results_row(seed="0", calibration_file=os.path.join("r_calibration", "a_lora.json"),
+                                 **self.numbers),
+                     results_row(seed="1")]  # an older row: no calibration file, so nothing to check
+
+    def summary(self):
+        write_results(self.path, self.rows)
+        proc = run_summarize(self.path)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return proc.stdout
+
+    def test_agreeing_row(self):
+        self.assertIn("(1 of 2 runs have a logits file)", self.summary())
+        self.assertIn("every number agrees with its row", self.summary())
+
+    def test_disagreeing_row_is_named(self):
+        acc = float(self.numbers["acc@1"])
+        self.rows[0]["acc@1"] = f"{acc + 2.5:.2f}"
+        self.rows[0]["temperature"] = "9.0000"
+        out = self.summary()
+        self.assertIn("2 disagree", out)
+        self.assertIn(f"line 2 (lora seed 0): acc@1 {acc + 2.5} in the row, {acc:.2f} from its logits", out)
+        self.assertIn("temperature 9.0 in the row", out)
+        self.assertNotIn("every number agrees", out)
+
+    def test_rows_without_logits_say_nothing(self):
+        self.rows = self.rows[1:]
+        self.assertNotIn("logits", self.summary())
+
+
 class TestPairedComparison(unittest.TestCase):
     T_975_2 = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom (3 pairs)
     ROWS = ([lora_row(s, a, ece_ts="1.00") for s, a in enumerate((80, 82, 84))]
@@ -2202,7 +2281,11 @@ class TestPairedComparison(unittest.TestCase):
         t = self.table()
         self.assertTrue(t[("Hybrid", "acc@1")].endswith("| better |"), t[("Hybrid", "acc@1")])
         self.assertTrue(t[("linear probe", "acc@1")].endswith("| worse |"))
-        self.assertTrue(t[("full fine-tune", "acc@1")].endswith("| not distinguishable from seed noise with 3 seeds |"))
+        # full - LoRA per seed: +1, -1, +1; undecided acc@1 verdicts say how many pairs 80 % power needs
+        n = summarize.pairs_for_power(1 / 3, np.std([1, -1, 1], ddof=1))
+        self.assertGreater(n, 3)
+        self.assertTrue(t[("full fine-tune", "acc@1")].endswith(
+            f"| not distinguishable from seed noise with 3 seeds; 80 % power at this mean and std needs {n} pairs |"))
         # ECE: lower is better, so a difference that is surely below 0 is "better"
         self.assertIn("| -1.00 ± 0.00 | [-1.00, -1.00] | better |", t[("Hybrid", "ECE")])
         self.assertTrue(t[("linear probe", "ECE")].endswith("| worse |"))
