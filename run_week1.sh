@@ -3,14 +3,17 @@
 # print the summary (python summarize.py on the same results file). Re-running the same command picks up
 # where an interrupted sweep stopped.
 #
-#   ./run_week1.sh [--seeds S [S ...]] [--baselines] [--lrs METHOD=LR[,LR...] ...] [--redo] [-- FLAGS]
+#   ./run_week1.sh [--seeds S [S ...]] [--baselines | --methods M [M ...]] [--lrs METHOD=LR[,LR...] ...]
+#                  [--redo] [-- FLAGS]
 #   ./run_week1.sh --seeds 0 1 2 -- --epochs 1 --img-size 112
 #   ./run_week1.sh --seeds 0 1 --lrs lora=3e-4,1e-3,3e-3 normtune=2e-3,5e-3,1e-2 -- --val-samples 1000
 #
 # --seeds S ...    seeds to run (default 0); give seeds only here, not as --seed after --.
 # --baselines      also run the linear probe and the full fine-tune: linear, normtune, lora, hybrid, full.
+# --methods M ...  run only these methods (of linear, normtune, lora, hybrid, full), in that order,
+#                  e.g. --methods lora hybrid for the paired seeds of the Week-1 question.
 # --lrs M=LR,...   per-method learning rates (repeatable): one value sets that method's --lr, several run
-#                  one run per value. Methods: lora, normtune, hybrid (linear, full with --baselines).
+#                  one run per value, for methods of this sweep (see --methods, --baselines).
 #                  Not together with --lr after --, which sets one rate for every method.
 # --redo           run everything again, deleting (and naming) each run's checkpoint first; finished
 #                  runs get a second row (summarize.py counts only the newest).
@@ -25,7 +28,7 @@
 # if set, else `python` (or `python3`) from PATH: activate the venv first.
 set -euo pipefail
 
-usage() { sed -n '2,25s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,28s/^# \{0,1\}//p' "$0"; }
 die() { echo "error: $*" >&2; exit 2; }
 tab=$'\t' newline=$'\n' cr=$'\r'  # (bash 3.2, macOS's own, has no associative arrays: plain strings below)
 
@@ -52,6 +55,7 @@ seeds=()
 extra=()
 lrs=()  # METHOD=LR[,LR...] entries
 methods=(lora normtune hybrid)
+chosen=""  # --baselines or --methods, once
 redo=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -65,7 +69,24 @@ while [[ $# -gt 0 ]]; do
             while [[ $# -gt 0 && "$1" != -* ]]; do lrs+=("$1"); shift; done
             [[ ${#lrs[@]} -gt 0 ]] || die "--lrs needs METHOD=LR[,LR...], e.g. --lrs lora=1e-3 normtune=5e-3"
             ;;
-        --baselines) methods=(linear normtune lora hybrid full); shift ;;
+        --baselines)
+            [[ -z "$chosen" ]] || die "give --baselines or --methods, not both"
+            methods=(linear normtune lora hybrid full); chosen=baselines; shift ;;
+        --methods)
+            [[ -z "$chosen" ]] || die "give --baselines or --methods, not both"
+            shift
+            picked=" "
+            while [[ $# -gt 0 && "$1" != -* ]]; do
+                case "$1" in
+                    linear|normtune|lora|hybrid|full) picked+="$1 " ;;
+                    *) die "--methods: no method '$1'; choose from linear normtune lora hybrid full" ;;
+                esac
+                shift
+            done
+            [[ "$picked" != " " ]] || die "--methods needs at least one method, e.g. --methods lora hybrid"
+            methods=()
+            for m in linear normtune lora hybrid full; do [[ "$picked" == *" $m "* ]] && methods+=("$m"); done
+            chosen=methods ;;
         --redo) redo=1; shift ;;
         --) shift; extra=("$@"); break ;;
         -h|--help) usage; exit 0 ;;
@@ -85,7 +106,7 @@ for entry in ${lrs[@]+"${lrs[@]}"}; do
     [[ "$entry" =~ $form ]] || die "--lrs takes METHOD=LR[,LR...], got '$entry' (e.g. lora=3e-4,1e-3)"
     if ! in_sweep "$m"; then
         case "$m" in
-            linear|full) die "--lrs $entry: $m runs only with --baselines" ;;
+            linear|full|lora|normtune|hybrid) die "--lrs $entry: $m is not in this sweep (${methods[*]}); add it with --methods or --baselines" ;;
             *) die "--lrs $entry: no method '$m'; the sweep runs ${methods[*]}" ;;
         esac
     fi

@@ -2526,6 +2526,18 @@ class TestRunWeek1(unittest.TestCase):
             self.assertIn("| NormTune (random-init) | lr=0.002 | 1 | 0.2100 |", proc.stdout)
             self.assertIn("| NormTune (random-init) | lr=0.005 | 1 | 0.2100 |", proc.stdout)
 
+    @needs_real_data
+    def test_methods_runs_only_those(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            results = os.path.join(tmp, "r.csv")
+            argv = tiny_flags(results, "--no-pretrained", "--lora-r", "2")
+            argv[argv.index("--train-samples") + 1] = argv[argv.index("--eval-samples") + 1] = "10"
+            proc = run_week1("--seeds", "3", "--methods", "hybrid", "lora", "--", *argv)
+            self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+            rows = [dict(zip(common.CSV_COLUMNS, r)) for r in read_rows(results)[1:]]
+            self.assertEqual([(r["method"], r["seed"]) for r in rows], [("lora", "3"), ("hybrid", "3")])
+            self.assertIn("[2/2] train_hybrid.py --seed 3", proc.stdout)
+
     def test_stops_at_first_failure(self):
         with tempfile.TemporaryDirectory() as tmp:
             results = os.path.join(tmp, "r.csv")
@@ -2546,7 +2558,10 @@ class TestRunWeek1(unittest.TestCase):
                               (["--lrs", "lora=1e-3", "--", "--lr", "3e-3"], "one rate for every method"),
                               (["--", "--resume"], "re-running the same command resumes"),
                               (["--", "--bogus"], "no training script takes --bogus"),
-                              (["--", "--epochs"], "--epochs needs a value")]:
+                              (["--", "--epochs"], "--epochs needs a value"),
+                              (["--methods", "nope"], "no method 'nope'"), (["--methods"], "at least one method"),
+                              (["--baselines", "--methods", "lora"], "not both"),
+                              (["--methods", "lora", "--lrs", "hybrid=1e-3"], "not in this sweep")]:
             proc = run_week1(*args)
             self.assertEqual(proc.returncode, 2, args)
             self.assertIn("error:", proc.stderr)
