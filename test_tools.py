@@ -576,6 +576,17 @@ class TestFastLoRAThreads(unittest.TestCase):
             torch.set_num_threads(threads)
             torch.testing.assert_close(fast_lora.transposed_product(a, b), a.t() @ b, rtol=1e-5, atol=1e-6)
 
+    def test_bf16_blocks_are_added_in_fp32(self):
+        # each block's product is rounded to bf16 once; the blocks are added in fp32 (no second rounding)
+        torch.set_num_threads(2)
+        torch.manual_seed(1)
+        a, b = torch.randn(6304, 8).bfloat16(), torch.randn(6304, 192).bfloat16()  # a ViT-Tiny batch's rows
+        got = fast_lora.transposed_product(a, b)
+        self.assertEqual(got.dtype, torch.float32)
+        blocks = [a[i:i + 3152].t() @ b[i:i + 3152] for i in (0, 3152)]  # each a bf16 GEMM, as in the bmm
+        torch.testing.assert_close(got, blocks[0].float() + blocks[1].float(), rtol=0, atol=0)
+        self.assertGreater((got - (blocks[0] + blocks[1]).float()).abs().max().item(), 0)  # a bf16 sum differs
+
     def test_layer_gradients_with_two_threads(self):
         torch.set_num_threads(2)  # the tests run on one thread, where the blocks are never cut
         ref, fast = make_layer(24, 40, 4)
@@ -605,6 +616,25 @@ class TestFastLoRABf16(unittest.TestCase):
                         self.assertEqual(dx.dtype, torch.float32)
                         for name, gr in grads.items():
                             self.assertEqual(gr.dtype, torch.float32, name)
+
+    def test_both_paths_within_bf16_of_the_fp32_formula(self):
+        # what bf16 training computes, against the fp32 formula (no autocast): y, dx, dA and dB all
+        # within bf16 tolerance, with 2 threads so that the function path's blocks are really cut
+        self.addCleanup(torch.set_num_threads, torch.get_num_threads())
+        torch.set_num_threads(2)
+        torch.manual_seed(4)
+        x, g = torch.randn(4, 197, 192), torch.randn(4, 197, 576)
+        for bf16_path in ("merged", "function"):
+            with self.subTest(path=bf16_path):
+                ref, fast = make_layer(192, 576, 8)
+                fast.bf16_path = bf16_path
+                y_ref, dx_ref, gr_ref = forward_backward(ref, x.requires_grad_(True), g)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    y, dx, gr = forward_backward(fast, x, g)
+                for name, got, want in (("y", y, y_ref), ("dx", dx, dx_ref), ("dA", gr["lora_A"], gr_ref["lora_A"]),
+                                        ("dB", gr["lora_B"], gr_ref["lora_B"])):
+                    self.assertLessEqual(rel_err(got, want), BF16_TOL, name)
+                    self.assertGreater(rel_err(got, want), 0.0, name)  # bf16 really ran: not the fp32 numbers
 
     def test_function_dtypes_and_values(self):
         # LoRAFunction on its own under autocast, fp32 and bf16 inputs, against the formula under autocast.
