@@ -202,13 +202,27 @@ AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}  # an I
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)  # --step is refused, not taken for --steps: as the train scripts
     p.add_argument("--isa", choices=("native", "avx2"), default="native",
                    help="avx2: restart with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 (an i7 without AVX-512)")
     p.add_argument("--img-size", type=flags.img_size_value, default=224, help="input resolution, a multiple of 16")
     p.add_argument("--batch-size", type=flags.positive_int, default=32, help="images per step")
     p.add_argument("--steps", type=flags.positive_int, default=10, help="timed steps (rounds) per setup")
     return p.parse_args(argv)
+
+
+def too_small_to_mean_anything(img_size: int, steps: int) -> str:
+    """A warning for a setting whose ratios say nothing about real training, or "". Below 112 px a step
+    takes milliseconds, so fixed per-call costs and timer noise decide the ratios; under 5 timed steps a
+    median is one busy moment away from any value."""
+    why = [f"{img_size} px (steps of a few ms: fixed per-call costs decide the ratios)" if img_size < 112 else "",
+           f"{steps} timed step(s) (one busy moment moves the median)" if steps < 5 else ""]
+    why = [w for w in why if w]
+    if not why:
+        return ""
+    return (f"warning: {' and '.join(why)}: the ratios and 50k-epoch times of this run do not predict real training. "
+            f"A smoke test only; for numbers, run at the defaults (224 px, 10 steps) or --img-size 112.")
 
 
 def restart_with_avx2():
@@ -239,6 +253,9 @@ def main():
     print(f"setting: {common.BACKBONE}, random init, {args.img_size} px, batch {args.batch_size}, "
           f"median of {args.steps} steps after {WARMUP} warm-up steps (speed depends on the architecture, not "
           f"the weights: it holds for every --backbone, {' and '.join(common.BACKBONES)} alike)", flush=True)
+    caveat = too_small_to_mean_anything(args.img_size, args.steps)
+    if caveat:  # printed first and last, so that it is not lost above the table
+        print(caveat, flush=True)
 
     images = torch.randint(0, 256, (args.batch_size, 3, 32, 32), dtype=torch.uint8)  # CIFAR-sized, uint8
     labels = torch.randint(0, 10, (args.batch_size,))
@@ -285,6 +302,8 @@ def main():
           f"= {100 * prep / sec[('Hybrid', best, 'train')]:.1f} % of a Hybrid {best} training step")
     print("50k epoch = 50,000 training images / train img/s; evaluating the 10,000 test images adds "
           "10,000 / eval img/s.")
+    if caveat:
+        print(caveat)
 
 
 def print_table(sec: dict, precisions, peak: dict, fwd: float, batch_size: int):

@@ -129,12 +129,22 @@ class _ListFlags(argparse.Action):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         """One clear line (and where to look) instead of argparse's usage block: exit code 2."""
-        self.exit(2, f"{self.prog}: error: {message}\n(`python {self.prog} --help` lists every flag)\n")
+        self.exit(2, f"{self.prog}: error: {message}{full_names(self, message)}\n"
+                     f"(`python {self.prog} --help` lists every flag)\n")
+
+
+def full_names(parser: argparse.ArgumentParser, message: str) -> str:
+    """For an unrecognized --flag that begins real ones (--epoch): name them. Abbreviations are refused
+    (allow_abbrev=False), as run_week1.sh refuses them, so a typo never passes for another flag."""
+    words = [w.split("=")[0] for w in message.split() if w.startswith("--")
+             and message.startswith("unrecognized arguments:")]
+    full = sorted({o for w in words for o in parser._option_string_actions if o.startswith(w) and o != w})
+    return f". Flags are not abbreviated; write them in full: {' or '.join(full)}" if full else ""
 
 
 def build_parser(method: str, doc: str) -> argparse.ArgumentParser:
     main_group, groups = common.main_group(method), common.DEFAULT_LRS[method]
-    p = _Parser(description=doc, formatter_class=_HelpFormatter)
+    p = _Parser(description=doc, formatter_class=_HelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int, default=1, help="passes over the training set")
     g.add_argument("--batch-size", type=positive_int, default=32, help="images per step")

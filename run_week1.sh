@@ -90,6 +90,7 @@ while [[ $# -gt 0 ]]; do
         --redo) redo=1; shift ;;
         --) shift; extra=("$@"); break ;;
         -h|--help) usage; exit 0 ;;
+        --seed|--seed=*) die "the sweep takes seeds as --seeds S [S ...] (e.g. --seeds 0 1 2), not --seed; it passes --seed to each script itself" ;;
         *) echo "error: unknown option $1 (flags for the training scripts go after --)" >&2; usage >&2; exit 2 ;;
     esac
 done
@@ -122,7 +123,7 @@ lrs_of() {  # the comma-separated rates --lrs gives METHOD, or nothing
 results="$here/results_week1.csv"
 for ((i = 0; i < ${#extra[@]}; i++)); do
     case "${extra[i]}" in
-        --seed|--seed=*) die "give seeds with --seeds before --, not --seed after it" ;;
+        --seed|--seed=*) die "the sweep takes seeds as --seeds S [S ...] before -- (e.g. --seeds 0 1 2), not --seed after it" ;;
         --lr|--lr=*) [[ ${#lrs[@]} -eq 0 ]] ||
             die "--lr after -- sets one rate for every method; with --lrs, give each method's rates there" ;;
         --resume|--run-state|--list-flags) die "${extra[i]} is for the sweep to use; re-running the same command resumes" ;;
@@ -185,6 +186,10 @@ while [[ $i -lt ${#extra[@]} ]]; do
 done
 
 if [[ -s "$results" ]]; then
+    # a header no script can append to: that error alone, before any note about the file's layout
+    PYTHONPATH="$here" "$py" -c 'import sys, results_file as r
+try: r.check_results_file(sys.argv[1])
+except r.UsageError as e: sys.exit(f"error: {e}")' "$results" || exit 2
     IFS= read -r header < "$results" || true
     [[ ",${header%$cr}," == *,run_key,* ]] || echo "note: $results has no run_key column (an older layout), so" \
         "finished runs cannot be recognised in it and every run is run again; pass --results NEW.csv to make" \

@@ -233,18 +233,42 @@ def create_model(s, num_classes: int):
     return model
 
 
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE=1: the hub is never asked, so a missing download fails at once."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def local_weights_hint(name) -> str:
+    """How to run without the hub. A DeiT-tiny file would also load under the default backbone (the same
+    architecture), but with the wrong input mean/std: hence the --backbone it needs."""
+    deit = "deit_tiny_patch16_224"
+    return (f"pass --weights FILE, a local {name} checkpoint (.safetensors, .pth or .bin"
+            + (f"; a DeiT-tiny file such as {deit}.in1k_lnq.safetensors needs --backbone {deit}" if name != deit else "")
+            + ")")
+
+
 def _download(name, num_classes, img_size):
-    print(f"model: downloading the pretrained weights from the Hugging Face hub ({common.BACKBONES[name]}, 22 MB, once)")
+    offline = _hub_offline()  # then the hub fails at once, and the error below says it all
+    if not offline:  # without a network the hub retries for ~45 s before it gives up: say so before the silence
+        print(f"model: downloading the pretrained weights from the Hugging Face hub ({common.BACKBONES[name]}, "
+              f"22 MB, once). Without a network this waits about a minute, then fails. To skip it: "
+              f"{local_weights_hint(name)}, or set HF_HUB_OFFLINE=1 to fail at once.", flush=True)
     hub_log = logging.getLogger("huggingface_hub")
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)  # offline, the hub retries for ~45 s with a warning per try
     try:
         return common.build_model(name, num_classes, img_size, pretrained=True)
     except Exception as e:  # offline, proxy, hub outage: any failure to fetch ends here
-        raise RunError(f"could not download the pretrained {name} weights ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''}). Run once with internet access (they "
-                       f"are cached), or pass --weights PATH to a local checkpoint (train_*.py also take "
-                       f"--no-pretrained for a random-init smoke test).")
+        why = ("they are not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids a download" if offline else
+               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise RunError(f"could not download the pretrained {name} weights ({why}). Run once with internet "
+                       f"access{' and without HF_HUB_OFFLINE' if offline else ''} (they are cached), or "
+                       f"{local_weights_hint(name)}{'' if offline else ', or set HF_HUB_OFFLINE=1 to fail at once'}; "
+                       f"train_*.py also take --no-pretrained for a random-init smoke test.")
     finally:
         hub_log.setLevel(level)
 
@@ -263,14 +287,18 @@ def _cached_hub_file(hub_id):
 
 
 def check_weights_file(name, path, num_classes, img_size):
-    """A --weights file that is missing, unreadable, or of another architecture is a RunError naming the
-    problem (the missing/unexpected keys), before any data is decoded."""
+    """Before any data is decoded: a --weights path that is not there, or is a folder, is a UsageError
+    (exit 2, like a missing --data-dir); a file that is unreadable, an adapter, or of another architecture
+    is a RunError naming the problem (the missing/unexpected keys)."""
     import timm
     from timm.models import load_state_dict
     from timm.models.vision_transformer import checkpoint_filter_fn
+    if os.path.isdir(path):
+        raise UsageError(f"--weights {path} is a folder; give the checkpoint file itself"
+                         + in_folder(path, name) + ".")
     if not os.path.isfile(path):
-        raise RunError(f"--weights {path}: no such file. Give the path of a {name} checkpoint "
-                       f"(.safetensors, .pth or .bin), or leave --weights out to download it.")
+        raise UsageError(f"--weights {path}: no such file. Give the path of a {name} checkpoint "
+                         f"(.safetensors, .pth or .bin), or leave --weights out to download it.")
     other = [b for b in common.BACKBONES if b != name and b.split("_")[0] in os.path.basename(path).lower()]
     if other:
         print(f"warning: --weights {os.path.basename(path)} looks like {other[0]} weights, but --backbone is {name}: "
@@ -281,6 +309,10 @@ def check_weights_file(name, path, num_classes, img_size):
         why = str(e).split(". ")[0].splitlines()[0][:160] if str(e) else ""  # torch's own advice does not apply
         raise RunError(f"--weights {path} could not be read as a checkpoint ({type(e).__name__}: {why}). "
                        f"Re-download it, or re-export it as .safetensors/.pth/.bin.")
+    if isinstance(state, dict) and {"state", "settings", "meta"} <= set(state):  # --save-adapter's layout
+        raise RunError(f"--weights {path} is an adapter (what --save-adapter writes: only the trained tensors "
+                       f"and the run's settings), not a backbone checkpoint. To evaluate it: python evaluate.py "
+                       f"--adapter {path}. --weights takes the backbone's own checkpoint (.safetensors, .pth or .bin).")
     with torch.random.fork_rng(devices=[]):  # a model only for its key names: must not consume the seed's stream
         plain = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size)
     expected = {k for k in plain.state_dict() if not k.startswith("head.")}
@@ -294,6 +326,19 @@ def check_weights_file(name, path, num_classes, img_size):
         raise RunError(f"--weights {path} does not fit {name}: {len(missing)} missing keys "
                        f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}), {len(extra)} unexpected keys "
                        f"({', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}). Use a {name} checkpoint.")
+
+
+def in_folder(folder, name) -> str:
+    """', e.g. --weights <the checkpoint files in folder>' (with the --backbone a DeiT file needs), or ''."""
+    try:
+        files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".pth", ".bin")))
+    except OSError:
+        return ""
+    hints = []
+    for f in files[:3]:
+        other = [b for b in common.BACKBONES if b != name and b.split("_")[0] in f.lower()]
+        hints.append(f"--weights {os.path.join(folder, f)}" + (f" --backbone {other[0]}" if other else ""))
+    return f", e.g. {' or '.join(hints)}" if hints else f" (there is no .safetensors, .pth or .bin file in {folder})"
 
 
 def _build_from_file(name, path, num_classes, img_size):

@@ -882,7 +882,7 @@ class TestLocalWeights(unittest.TestCase):
         self.assertEqual(row["weights_sha256"], "")  # the hub's file is named by its tag
 
     def test_missing_file(self):
-        with self.assertRaises(common.RunError) as cm:
+        with self.assertRaises(common.UsageError) as cm:  # exit 2, as a missing --data-dir
             create_model(model_args(weights=os.path.join(self.tmp.name, "nope.pth")), 10)
         self.assertIn("no such file", str(cm.exception))
 
@@ -1013,7 +1013,7 @@ class TestChecksBeforeDecoding(unittest.TestCase):
 
     def test_missing_weights_found_before_decoding(self):
         out = self.run_norm("--data-dir", REAL_DATA, "--weights", "/no/such/file.safetensors")
-        self.assertEqual(out.returncode, 1)
+        self.assertEqual(out.returncode, 2)
         self.assertIn("no such file", out.stderr)
 
     def test_mistyped_data_dir_is_not_created(self):
@@ -1090,7 +1090,7 @@ class TestFailedRuns(unittest.TestCase):
 
     def test_missing_weights_file(self):
         root = make_imagefolder(os.path.join(self.tmp.name, "d"))
-        err = self.run_bad(1, "--data-dir", root, "--weights", os.path.join(self.tmp.name, "none.safetensors"))
+        err = self.run_bad(2, "--data-dir", root, "--weights", os.path.join(self.tmp.name, "none.safetensors"))
         self.assertIn("no such file", err)
 
     def test_offline_without_weights_names_the_flags(self):
@@ -1936,7 +1936,7 @@ class TestAdapterRebuild(unittest.TestCase):
             self.assert_same_state(rebuilt(path).state_dict(), state)
             moved = os.path.join(tmp, "moved.pth")
             os.rename(ckpt, moved)
-            with self.assertRaisesRegex(common.RunError, "not there any more.*--weights"):
+            with self.assertRaisesRegex(common.UsageError, "not there any more.*--weights"):
                 rebuilt(path)
             self.assert_same_state(rebuilt(path, "--weights", moved).state_dict(), state)
             write_checkpoint(moved, seed=7)  # another file under the same name: warned, numbers differ
