@@ -11,8 +11,11 @@ AdamW and scheduler state, how far the run got (epoch, step, that epoch's data o
 augmentation generator and torch's global RNG (LoRA dropout draws from it), the losses and training time
 so far. Restored into a model built the same way, the run continues as if it had never stopped.
 
-Read top to bottom: settings and names -> the run's state before training -> writing and reading files
--> saving and restoring a run -> stopping on a signal.
+One process runs a run at a time: it holds a lock file beside the checkpoint (run_lock), and the same
+command started again meanwhile is refused.
+
+Read top to bottom: settings and names -> the run's state before training -> one process per run ->
+writing and reading files -> saving and restoring a run -> stopping on a signal.
 """
 import contextlib
 import csv
@@ -29,6 +32,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+
+try:
+    import fcntl  # POSIX file locks (Linux, macOS); on Windows runs are not locked against a second start
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 FORMAT = 1  # bump when the file's layout changes: older files are then refused as unreadable
 REQUIRED = {"format", "settings", "run_key", "trainable", "optimizer", "scheduler", "data_rng", "torch_rng",
@@ -106,17 +114,22 @@ def describe_differences(ours: dict, theirs: dict) -> str:
 # ----------------------------------------------------------------------------- before training
 
 def has_row(results: str, key: str) -> bool:
-    """True if the results file has a row with this run key. A file without a run_key column (written by
-    an older version) has no recognisable rows."""
+    """True if the results file has a row with this run key."""
+    return bool(row_lines(results, key))
+
+
+def row_lines(results: str, key: str) -> list:
+    """The line numbers of the results file's rows with this run key. A file without a run_key column
+    (written by an older version) has no recognisable rows."""
     if not os.path.isfile(results):
-        return False
+        return []
     with open(results, newline="", encoding="utf-8", errors="replace") as f:
         rows = csv.reader(f)
         header = next(rows, [])
         if "run_key" not in header:
-            return False
+            return []
         col = header.index("run_key")
-        return any(len(row) > col and row[col] == key for row in rows)
+        return [rows.line_num for row in rows if len(row) > col and row[col] == key]
 
 
 def check_before_start(args):
@@ -127,6 +140,9 @@ def check_before_start(args):
         state = "done" if has_row(args.results, args.run_key) else "checkpoint" if os.path.exists(path) else "new"
         print(f"{state}\t{path}")
         sys.exit(0)
+    pid = running_elsewhere(args)  # before anything about its checkpoint, which that process is writing
+    if pid:
+        raise Refused(already_running_message(args, pid))
     if args.resume:
         if not os.path.exists(path):
             raise Refused(no_checkpoint_message(args, path))
@@ -135,6 +151,12 @@ def check_before_start(args):
         raise Refused(f"a checkpoint of a run with these settings already exists: {path}. Add --resume to "
                       f"continue it (with the same numbers as a run that was never interrupted), or delete it "
                       f"to start this run over: rm {shlex.quote(path)}. It is never overwritten.")
+    lines = row_lines(args.results, args.run_key)
+    if lines:  # a deliberate repeat is legitimate; an accidental one should not pass unnoticed
+        print(f"note: this run (run_key {args.run_key}: the same settings) is already in {args.results} "
+              f"(line {', '.join(map(str, lines))}); it runs again and adds another row, of which summarize.py "
+              f"counts only the newest (./run_week1.sh skips such runs). Change a setting, e.g. --seed, to run "
+              f"a new one.")
 
 
 def no_checkpoint_message(args, path) -> str:
@@ -153,6 +175,99 @@ def no_checkpoint_message(args, path) -> str:
     if has_row(args.results, args.run_key):
         msg += f" This run has already finished: its row is in {args.results}."
     return msg + " Leave out --resume to start this run from zero."
+
+
+# ----------------------------------------------------------------------------- one process per run
+
+def lock_file_for(s) -> str:
+    """The run's lock file, beside its checkpoint: <method>_seed<seed>_<key>.lock."""
+    return os.path.splitext(file_for(s))[0] + ".lock"
+
+
+def running_elsewhere(s) -> int:
+    """Another process's id if one is running this very run (it holds the run's lock), -1 if one is but
+    its id is unknown, 0 if none is. A shared lock taken and dropped at once: it only asks."""
+    path = lock_file_for(s)
+    if fcntl is None or not os.path.exists(path):
+        return 0
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return 0  # free; closing the file drops our shared lock
+            except BlockingIOError:
+                text = f.read().strip()
+                return int(text) if text.isdigit() else -1
+    except OSError:
+        return 0
+
+
+def already_running_message(s, pid: int) -> str:
+    who = f"process {pid}" if pid > 0 else "another process"
+    return (f"this run is already running: {who} holds its lock {lock_file_for(s)} (the same script and "
+            f"settings, the same results file). Two copies would train on one checkpoint and write two rows. "
+            f"Wait for it to finish: its row then appears in {s.results}. To run something else meanwhile, "
+            f"change a setting (e.g. --seed) or --results.")
+
+
+@contextlib.contextmanager
+def run_lock(s):
+    """Hold the run's lock while it trains, evaluates and writes its row, so that the same command started
+    twice at once runs once: the second is Refused (exit 2). The OS drops the lock when this process ends,
+    however it ends (a crash, kill -9), so a stale lock file never blocks a run; on a normal end the file
+    goes too. Without fcntl (Windows) nothing is locked."""
+    if fcntl is None:
+        yield
+        return
+    path = lock_file_for(s)
+    f = _acquire(path, s)
+    try:
+        yield
+    finally:
+        if f is not None:
+            with contextlib.suppress(OSError):
+                os.remove(path)  # while still locked: _acquire re-checks the file after locking
+                os.rmdir(os.path.dirname(path))  # the checkpoints folder too, once empty
+            f.close()
+
+
+def _acquire(path, s):
+    """Lock `path` (made if missing) and write our process id into it; -> the open file, None if it cannot
+    be made (then the run goes on unlocked, with a warning). Refused if another process holds it after a
+    second of retries (a run that only asked, running_elsewhere, lets go at once)."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError as e:
+        print(f"warning: could not create {os.path.dirname(path)} ({e}); this run is not locked against a "
+              f"second start of itself.", file=sys.stderr)
+        return None
+    busy = 0
+    while True:
+        try:
+            f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="ascii")
+        except OSError as e:
+            print(f"warning: could not open {path} ({e}); this run is not locked against a second start of "
+                  f"itself.", file=sys.stderr)
+            return None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            busy += 1
+            if busy > 20:
+                raise Refused(already_running_message(s, running_elsewhere(s)))
+            time.sleep(0.05)
+            continue
+        # The previous holder removes the file when it ends: if it did after we opened it, we hold the lock
+        # of a deleted file, which nobody else can see. Lock the file that is there now instead.
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                f.seek(0)
+                f.truncate()
+                f.write(str(os.getpid()))
+                f.flush()
+                return f
+        f.close()
 
 
 # ----------------------------------------------------------------------------- files

@@ -1,6 +1,7 @@
 """The run around the method: train (with progress lines, checkpoints and Ctrl-C), evaluate, report.
 
-fit_and_report(model, data, s) is what every train_*.py calls once its recipe has chosen what trains:
+fit_and_report(model, data, s) is what every train_*.py calls once its recipe has chosen what trains. It
+holds the run's lock throughout (checkpoint.run_lock), so the same run started twice at once runs once:
   train()     common.train_epoch's steps on the decoded data, with a progress line every 15 s, a
               checkpoint every --checkpoint-every minutes and on Ctrl-C/SIGTERM (checkpoint.py), and
               --resume continuing a stopped run bit for bit
@@ -29,12 +30,13 @@ from results_file import CSV_COLUMNS, RunError, UsageError, append_result, csv_l
 
 def fit_and_report(model, data: sources.Data, s) -> dict:
     """Train for s.epochs, evaluate, append the results row (and save the adapter); returns the row."""
-    breakdown = common.param_breakdown(model)
-    print(common.format_breakdown(breakdown) + "  |  lr " + ", ".join(f"{k} {v:g}" for k, v in s.lrs.items()))
-    train_split, val, test = sources.load_data(data, s)
-    epoch_times, compile_time_s = train(model, train_split, s)
-    metrics = evaluate(model, val, test, s)
-    return report(model, data.name, train_split, breakdown, epoch_times, compile_time_s, metrics, s)
+    with checkpoint.run_lock(s):  # the same run started twice at once: the second is refused
+        breakdown = common.param_breakdown(model)
+        print(common.format_breakdown(breakdown) + "  |  lr " + ", ".join(f"{k} {v:g}" for k, v in s.lrs.items()))
+        train_split, val, test = sources.load_data(data, s)
+        epoch_times, compile_time_s = train(model, train_split, s)
+        metrics = evaluate(model, val, test, s)
+        return report(model, data.name, train_split, breakdown, epoch_times, compile_time_s, metrics, s)
 
 
 # ----------------------------------------------------------------------------- train
