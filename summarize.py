@@ -43,13 +43,15 @@ flags in detail:
                    empty). Everything else stays byte-identical; the write is atomic; no timestamps, so
                    the same results give the same bytes. Missing or repeated markers: error, file untouched.
   --plots DIR      also write PNGs (needs the optional matplotlib): acc_vs_params.png (accuracy vs tuned
-                   parameters %, log x, one marker per method) and reliability_<ts>_<method>.png for each
-                   run whose per-bin calibration JSON (column calibration_file) is still there.
+                   parameters %, log x, one panel per setting, one colour and marker per method, labels
+                   kept apart) and reliability_<ts>_<method>.png for each run whose per-bin calibration
+                   JSON (column calibration_file) is still there, titled with its image size and counts.
   --param-table    print the exact per-method parameter table (224 px, 10 classes, default LoRA flags),
                    computed by building the models; notes.md holds a copy that a test keeps in sync.
 
-Exit codes: 0 done, 2 wrong flag (an unknown or absent --reference, an unusable --plots folder) or
-missing file, 1 a file that cannot be read or written, or --plots without matplotlib.
+Exit codes: 0 done, 2 wrong flag (an unknown or absent --reference, an unusable --plots folder, an
+abbreviated flag), a missing file or a folder instead of the CSV, 1 a file that cannot be read or written
+(an empty, 0-byte one included), or --plots without matplotlib.
 """
 import argparse
 import contextlib
@@ -61,6 +63,7 @@ import shlex
 import stat
 import sys
 import tempfile
+import textwrap
 
 import numpy as np
 
@@ -108,9 +111,18 @@ def is_random_init(value: str) -> bool:
 
 def read_results(path) -> list:
     """Rows of the results CSV as dicts with the numeric columns parsed; RunError on a bad file."""
+    if os.path.isdir(path):
+        csvs = sorted(f for f in os.listdir(path) if f.endswith(".csv"))
+        raise UsageError(f"{path} is a folder, not a results file; pass the CSV itself"
+                         + (f", e.g. {os.path.join(path, csvs[0])}" if csvs else f" (there is no .csv in {path})")
+                         + ".")
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such results file. Run ./run_week1.sh (or a train_*.py script) first, "
                          f"or pass the CSV that --results pointed at.")
+    if os.path.getsize(path) == 0:
+        raise RunError(f"{path} is empty (0 bytes): not even the header line a results file starts with, so "
+                       f"there are no runs to summarise. A train_*.py run with --results {path} fills it (an "
+                       f"empty file is appended to as a new one); or pass the CSV your runs wrote to.")
     rows = results_file.read_rows(path, needed=NEEDED)
     for row in rows:
         parse_numbers(row, path)
@@ -704,50 +716,194 @@ def write_plots(groups, results_path, out_dir) -> list:
     return written
 
 
-MARKERS = {"linear": "v", "normtune": "s", "lora": "o", "hybrid": "^", "full": "*"}
+# One colour and one marker per method, the same in every plot (Okabe-Ito colours, which stay apart for
+# colour-blind readers and in greyscale). LoRA and the Hybrid sit at nearly the same x: blue against orange.
+METHOD_STYLE = {"linear": ("v", "#56B4E9"), "normtune": ("s", "#009E73"), "lora": ("o", "#0072B2"),
+                "hybrid": ("^", "#D55E00"), "full": ("*", "#CC79A7")}
+OTHER_STYLE = ("D", "#000000")  # a method this version does not know
+PLOT_DPI = 110
+
+
+def decade_ticks(lo: float, hi: float) -> list:
+    """Tick positions for a log axis from lo to hi: the powers of ten inside (labelled 0.01 %, 0.1 %, ...),
+    so the labels never run together; with fewer than two inside, the 1-2-5 steps."""
+    decades = [10.0 ** k for k in range(-4, 4) if lo <= 10.0 ** k <= hi]
+    if len(decades) >= 2:
+        return decades
+    return [m * 10.0 ** k for k in range(-4, 4) for m in (1, 2, 5) if lo <= m * 10.0 ** k <= hi]
+
+
+def spread_labels(points, sizes, obstacles, bounds, gap=2.0) -> list:
+    """Where each point's label goes, in pixels, so that no label covers another label, a marker or an error
+    bar (obstacles: boxes (x0, y0, w, h)). Tried in this order of preference: right of the point, left of it,
+    above it, below it; each moved up or down past whatever is in the way; the shortest move that stays
+    inside bounds (left, bottom, right, top) wins. points: [(x, y)] (y up); sizes: [(w, h)] of each label.
+    -> [(x0, y0, side, moved)]: the box's lower-left corner, 'right', 'left', 'above' or 'below', and
+    whether it had to move from its first place (then a line should lead to its point)."""
+    left, bottom, right, top = bounds
+    taken = list(obstacles)
+
+    def free_y(x0, w, h, y0, step):  # move in `step`'s direction past every box in the way
+        moved = True
+        while moved:
+            moved = False
+            for bx, by, bw, bh in taken:
+                if x0 < bx + bw + gap and bx < x0 + w + gap and y0 < by + bh + gap and by < y0 + h + gap:
+                    y0, moved = (by + bh + gap) if step > 0 else (by - h - gap), True
+        return y0
+
+    out = [None] * len(points)
+    for i in sorted(range(len(points)), key=lambda i: (points[i][1], points[i][0])):
+        (x, y), (w, h) = points[i], sizes[i]
+        options = []
+        places = (("right", x + 10, y - h / 2), ("left", x - 10 - w, y - h / 2),
+                  ("above", x - w / 2, y + 10), ("below", x - w / 2, y - 10 - h))
+        for penalty, (side, x0, start) in enumerate(places):
+            for step in (1, -1):
+                y0 = free_y(x0, w, h, start, step)
+                inside = left <= x0 and x0 + w <= right and bottom <= y0 and y0 + h <= top
+                options.append((not inside, abs(y0 - start) + 3 * penalty, x0, y0, side, abs(y0 - start) > h / 2))
+        *_, x0, y0, side, moved = min(options)
+        taken.append((x0, y0, w, h))
+        out[i] = (x0, y0, side, moved)
+    return out
+
+
+def usual_runs(groups) -> int:
+    """The most common number of seeds per group (the plot says so once, and names the exceptions)."""
+    counts = [g["runs"] for g in groups]
+    return max(sorted(set(counts)), key=counts.count)
+
+
+def setting_caption(settings: dict, columns) -> str:
+    """'img=224, train=5000, ...' for these group columns (the blank ones of old files left out)."""
+    return ", ".join(fmt_setting(c, settings[c]) for c in columns if settings.get(c) not in ("", None))
+
+
+def acc_vs_params_figure(plt, groups):
+    """Accuracy (mean ± std over seeds) against tuned parameters %, log x: one panel per setting (panels share
+    both axes, so they compare), one colour and marker per method, each point labelled with its method and
+    mean, the labels kept apart. -> the matplotlib figure."""
+    exps = experiments(groups)
+    ncols = 1 if len(exps) == 1 else 2
+    nrows = math.ceil(len(exps) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.6 * ncols, 3.9 * nrows + 0.9), dpi=PLOT_DPI,
+                             sharex=True, sharey=True, squeeze=False)
+    xs = [g["tuned_pct"] for g in groups]
+    lows = [g["acc"][0] - (g["acc"][1] or 0) for g in groups]
+    highs = [g["acc"][0] + (g["acc"][1] or 0) for g in groups]
+    lo, hi = min(xs) / 2.5, max(xs) * 2.5
+    pad = max(1.0, 0.08 * (max(highs) - min(lows)))
+    varying = [c for c in GROUP_COLUMNS
+               if c not in METHOD_SPECIFIC and len({g["settings"][c] for g in groups}) > 1]  # per panel
+    shared = [c for c in GROUP_COLUMNS if c not in METHOD_SPECIFIC and c not in varying]  # in the caption
+    fig.subplots_adjust(left=0.08 if ncols == 2 else 0.12, right=0.97, top=1 - 0.75 / fig.get_figheight(),
+                        bottom=1.25 / fig.get_figheight(), hspace=0.3, wspace=0.08)
+    for k, ax in enumerate(axes.flat):
+        if k >= len(exps):
+            ax.set_visible(False)
+            continue
+        ax.set_xscale("log")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(min(lows) - pad, max(highs) + pad)
+        ticks = decade_ticks(lo, hi)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g} %" for t in ticks])
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.grid(True, which="major", alpha=0.35)
+        ax.grid(True, which="minor", axis="x", alpha=0.12)
+        if len(exps) > 1:
+            ax.set_title(f"setting {k + 1}: " + setting_caption(exps[k][0]["settings"], varying), fontsize=9)
+        plot_groups(ax, exps[k])
+        if k % ncols == 0:
+            ax.set_ylabel("top-1 accuracy (%)")
+        if k >= len(exps) - ncols:
+            ax.set_xlabel("tuned parameters (% of the adapted model, log scale)")
+            ax.xaxis.set_tick_params(labelbottom=True)
+    label_points(fig, [ax for ax in axes.flat if ax.get_visible()], exps, groups)
+    methods = [m for m in METHOD_ORDER if any(g["method"] == m for g in groups)]
+    methods += sorted({g["method"] for g in groups} - set(methods))
+    handles = [plt.Line2D([], [], linestyle="none", marker=METHOD_STYLE.get(m, OTHER_STYLE)[0], markersize=8,
+                          color=METHOD_STYLE.get(m, OTHER_STYLE)[1], markerfacecolor="none", markeredgewidth=1.6)
+               for m in methods]
+    fig.legend(handles, [METHOD_LABEL.get(m, m) for m in methods], loc="upper center", ncol=len(methods),
+               fontsize=9, frameon=False, bbox_to_anchor=(0.5, 1 - 0.3 / fig.get_figheight()))
+    title = "Accuracy vs tuned parameters: mean ± std over seeds"
+    if any(g["random_init"] for g in groups):
+        title += " (includes random-init smoke tests: NOT results)"
+    fig.suptitle(title, fontsize=11, y=0.995, color="firebrick" if "NOT" in title else "black")
+    usual = usual_runs(groups)
+    caption = (("Every panel: " if len(exps) > 1 else "Setting: ") + setting_caption(groups[0]["settings"], shared)
+               + f". {usual} seed{'' if usual == 1 else 's'} per point unless its label says otherwise.")
+    fig.text(0.01, 0.01, textwrap.fill(caption, width=int(16 * fig.get_figwidth())), fontsize=7.5, va="bottom")
+    return fig
+
+
+def plot_groups(ax, exp):
+    """The points of one setting: each group's mean acc@1 with its std over seeds as an error bar."""
+    for g in exp:
+        marker, color = METHOD_STYLE.get(g["method"], OTHER_STYLE)
+        m, s = g["acc"]
+        ax.errorbar(g["tuned_pct"], m, yerr=0 if s is None else s, marker=marker, markersize=8, capsize=3,
+                    linestyle="none", color=color, markerfacecolor="none", markeredgewidth=1.6, zorder=3)
+
+
+def label_points(fig, axes, exps, groups):
+    """'Hybrid 84.7' beside each point in its method's colour, with the number of seeds where it is not the
+    usual one; spread_labels keeps labels off each other and off the markers and error bars, and a thin line
+    leads to a point whose label had to move."""
+    renderer = fig.canvas.get_renderer()
+    usual = usual_runs(groups)
+    for ax, exp in zip(axes, exps):
+        texts = [f"{describe(g, groups, with_setting=False)} {g['acc'][0]:.1f}"
+                 + ("" if g["runs"] == usual else f" ({g['runs']} seed{'' if g['runs'] == 1 else 's'})")
+                 for g in exp]
+        colors = [METHOD_STYLE.get(g["method"], OTHER_STYLE)[1] for g in exp]
+        points = [tuple(ax.transData.transform((g["tuned_pct"], g["acc"][0]))) for g in exp]
+        obstacles = []  # each marker (8 pt: 12 px at PLOT_DPI, boxed with a margin) and error bar
+        for g, (x, y) in zip(exp, points):
+            m, s = g["acc"]
+            y_lo, y_hi = (ax.transData.transform((g["tuned_pct"], m + d))[1] for d in (-(s or 0), s or 0))
+            obstacles += [(x - 7, y - 7, 14, 14), (x - 4, y_lo, 8, y_hi - y_lo)]
+        sizes = []
+        for text in texts:
+            probe = ax.text(0, 0, text, fontsize=8)
+            box = probe.get_window_extent(renderer)
+            sizes.append((box.width, box.height))
+            probe.remove()
+        frame = ax.get_window_extent(renderer)
+        bounds = (frame.x0 + 2, frame.y0 + 2, frame.x1 - 2, frame.y1 - 2)
+        spots = spread_labels(points, sizes, obstacles, bounds)
+        for (x, y), (x0, y0, side, moved), (w, h), text, color in zip(points, spots, sizes, texts, colors):
+            ha = {"right": "left", "left": "right"}.get(side, "center")
+            anchor = ({"left": x0, "right": x0 + w}.get(ha, x0 + w / 2), y0 + h / 2)
+            leader = dict(arrowstyle="-", lw=0.6, color=color, shrinkA=1, shrinkB=6) if moved else None
+            ax.annotate(text, xy=ax.transData.inverted().transform((x, y)), fontsize=8, color=color,
+                        xytext=(anchor[0] - x, anchor[1] - y), textcoords="offset pixels", ha=ha, va="center",
+                        arrowprops=leader)
 
 
 def plot_acc_vs_params(plt, groups, path) -> str:
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    exp_ids = sorted({g["order"][0] for g in groups})
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    seen = set()
-    for g in groups:
-        k = exp_ids.index(g["order"][0])
-        label = METHOD_LABEL.get(g["method"], g["method"])
-        if len(exp_ids) > 1:
-            label += f" (setting {k + 1})"
-        m, s = g["acc"]
-        ax.errorbar(g["tuned_pct"], m, yerr=0 if s is None else s, marker=MARKERS.get(g["method"], "D"),
-                    markersize=8, capsize=4, linestyle="none", color=colors[k % len(colors)],
-                    label=None if label in seen else label)
-        seen.add(label)
-        ax.annotate(f"{m:.1f}", (g["tuned_pct"], m), textcoords="offset points", fontsize=8,
-                    xytext=(8, -12) if g["method"] == "lora" else (8, 4))
-    ax.set_xscale("log")
-    xs = [g["tuned_pct"] for g in groups]
-    lo, hi = min(xs) / 2, max(xs) * 2
-    ax.set_xlim(lo, hi)
-    ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if lo <= t <= hi]
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([f"{t:g} %" for t in ticks])
-    ax.xaxis.set_minor_formatter(plt.NullFormatter())
-    ax.set_xlabel("tuned parameters (% of the adapted model, log scale)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    title = "Accuracy vs tuned parameters (mean ± std over seeds)"
-    if any(g["random_init"] for g in groups):
-        title += "\nincludes random-init smoke tests: NOT results"
-    ax.set_title(title, fontsize=10, color="black" if "NOT" not in title else "firebrick")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    notes = experiment_legend(groups)
-    if notes:
-        fig.text(0.01, 0.01, "\n".join(notes), fontsize=7, va="bottom")
-        fig.subplots_adjust(bottom=0.12 + 0.035 * len(notes))
-    fig.tight_layout(rect=(0, 0.03 * len(exp_ids) if len(exp_ids) > 1 else 0, 1, 1))
-    fig.savefig(path, dpi=120)
+    fig = acc_vs_params_figure(plt, groups)
+    fig.savefig(path, dpi=PLOT_DPI)
     plt.close(fig)
     return path
+
+
+def reliability_title(calib, row) -> str:
+    """What a reliability diagram is of: method, seed, when; backbone, image size, how many images trained
+    and tested, epochs, precision; ECE and bins."""
+    count = int(np.asarray(calib["count"]).sum())
+    train, epochs = str(row.get("train_samples", "")), str(row.get("epochs", ""))
+    images = f"{int(train):,} training / {count:,} test images" if train.isdigit() else f"{count:,} test images"
+    what = ", ".join(x for x in (row.get("backbone", ""), f"{row['img_size']} px" if row.get("img_size") else "",
+                                 images, f"{epochs} epoch{'' if epochs == '1' else 's'}" if epochs else "",
+                                 row.get("precision", "")) if x)
+    title = (f"Reliability: {METHOD_LABEL.get(row['method'], row['method'])}, seed {row['seed']} ({row['ts']})\n"
+             f"{what}\nECE {float(calib['ece']):.2f} % over {len(calib['count'])} equal-width confidence bins")
+    if is_random_init(row.get("weights", "")):
+        title += " - random-init: NOT a result"
+    return title
 
 
 def plot_reliability(plt, calib, row, path) -> str:
@@ -759,7 +915,7 @@ def plot_reliability(plt, calib, row, path) -> str:
         raise ValueError("bin_edges/confidence/accuracy/count lengths do not agree")
     width, left = np.diff(edges), edges[:-1]
     full = count > 0
-    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5.2, 6.0), sharex=True, gridspec_kw=dict(height_ratios=(3, 1)))
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5.4, 6.4), sharex=True, gridspec_kw=dict(height_ratios=(3, 1)))
     ax.bar(left[full], acc[full], width=width[full], align="edge", color="tab:blue", edgecolor="black",
            linewidth=0.6, label="accuracy in bin")
     lo, hi = np.minimum(acc, conf)[full], np.maximum(acc, conf)[full]
@@ -770,18 +926,13 @@ def plot_reliability(plt, calib, row, path) -> str:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
-    weights = row.get("weights", "")
-    title = (f"Reliability: {METHOD_LABEL.get(row['method'], row['method'])}, seed {row['seed']}, {row['ts']}\n"
-             f"ECE {float(calib['ece']):.2f} %, {int(count.sum())} test images, {len(count)} bins")
-    if is_random_init(weights):
-        title += " - random-init: NOT a result"
-    ax.set_title(title, fontsize=9)
+    ax.set_title(reliability_title(calib, row), fontsize=8.5)
     ax.legend(fontsize=7, loc="upper left")
     axc.bar(left, count, width=width, align="edge", color="gray", edgecolor="black", linewidth=0.5)
     axc.set_xlabel("confidence (max softmax probability)")
-    axc.set_ylabel("images")
+    axc.set_ylabel("test images")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=PLOT_DPI)
     plt.close(fig)
     return path
 
@@ -826,13 +977,20 @@ def param_table(img_size=224, num_classes=10) -> str:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        """One clear line instead of argparse's usage block: exit code 2 (as the train scripts do)."""
-        self.exit(2, f"{self.prog}: error: {message}\n(`python {self.prog} --help` lists every flag)\n")
+        """One clear line instead of argparse's usage block: exit code 2 (as the train scripts do). An
+        abbreviated flag (--plot) is refused and the full one named, as flags.full_names does (torch-free
+        here)."""
+        words = [w.split("=")[0] for w in message.split() if w.startswith("--")
+                 and message.startswith("unrecognized arguments:")]
+        full = sorted({o for w in words for o in self._option_string_actions if o.startswith(w) and o != w})
+        hint = f". Flags are not abbreviated; write them in full: {' or '.join(full)}" if full else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n(`python {self.prog} --help` lists every flag)\n")
 
 
 def parse_args(argv=None):
     description, epilog = __doc__.split("\n\n", 2)[0], __doc__.split("\n\n", 2)[2]
-    p = _Parser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
+                allow_abbrev=False)
     p.add_argument("results", nargs="?", default=DEFAULT_RESULTS, help="results CSV (default: results_week1.csv)")
     p.add_argument("--reference", metavar="METHOD", default=None,
                    help=f"method the others are compared with in the paired comparison (default {DEFAULT_REFERENCE})")
