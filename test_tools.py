@@ -102,6 +102,36 @@ class TestBadFlags(unittest.TestCase):
         self.assertEqual((s.lora_targets, s.lr, s.img_size, s.epochs), (("qkv", "fc2"), 3e-4, 112, 1))
 
 
+class TestFlagsInFull(unittest.TestCase):
+    """Every parser refuses an abbreviated flag (argparse would take --epoch for --epochs), as run_week1.sh
+    refuses it, and the train scripts and summarize.py name the full flag."""
+
+    def test_train_scripts_name_the_full_flag(self):
+        for method in SCRIPTS:
+            for argv, full in ((["--epoch", "1"], "--epochs"), (["--train-sample", "300"], "--train-samples"),
+                               (["--seed=1", "--batch", "8"], "--batch-size")):
+                with self.subTest(method=method, argv=argv):
+                    err = io.StringIO()
+                    with self.assertRaises(SystemExit) as cm, contextlib.redirect_stderr(err):
+                        parsed(method, *argv)
+                    self.assertEqual(cm.exception.code, 2)
+                    self.assertIn(f"unrecognized arguments: {argv[-2]}", err.getvalue())
+                    self.assertIn(f"write them in full: {full}", err.getvalue())
+
+    def test_summarize_evaluate_and_bench_refuse_abbreviations(self):
+        import bench
+        proc = run_summarize(os.path.join(HERE, "reference_results.csv"), "--plot", "x", block_matplotlib=True)
+        self.assertEqual(proc.returncode, 2, proc.stderr)
+        self.assertIn("write them in full: --plots", proc.stderr)
+        for parse, argv in ((evaluate.parse_args, ["--adapter", "a.pt", "--merg"]),
+                            (evaluate.parse_args, ["--adapt", "a.pt"]), (bench.parse_args, ["--step", "1"])):
+            with self.subTest(argv=argv), self.assertRaises(SystemExit) as cm, \
+                    contextlib.redirect_stderr(io.StringIO()):
+                parse(argv)
+            self.assertEqual(cm.exception.code, 2)
+        self.assertTrue(evaluate.parse_args(["--adapter", "a.pt", "--merge"]).merge)  # in full, as before
+
+
 class TestLoRAFlagsNormalised(unittest.TestCase):
     def test_order_does_not_matter(self):
         self.assertEqual(parsed("lora", "--lora-targets", "proj,qkv").lora_targets, ("qkv", "proj"))
@@ -1115,6 +1145,85 @@ class TestFailedRuns(unittest.TestCase):
         self.assertEqual(rows[2][common.CSV_COLUMNS.index("dataset")], "d")
 
 
+class TestWeightsMistakes(unittest.TestCase):
+    """What a newcomer gives --weights by mistake: a missing file and a missing --data-dir exit alike (2,
+    as GUIDE.md says), a folder names the file inside it, an adapter points at evaluate.py; no row."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.results = os.path.join(self.tmp.name, "r.csv")
+        common.append_result(self.results, fake_row())
+        self.before = read_bytes(self.results)
+        self.data = make_imagefolder(os.path.join(self.tmp.name, "d"))
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def run_bad(self, *argv):
+        out = run_main("train_norm.py", "--img-size", "32", "--results", self.results, *argv)
+        self.assertNotIn("Traceback", out.stderr)
+        self.assertEqual(read_bytes(self.results), self.before)
+        return out
+
+    def test_missing_data_and_missing_weights_exit_alike(self):
+        no_data = self.run_bad("--data-dir", os.path.join(self.tmp.name, "nothing"), "--no-pretrained")
+        no_weights = self.run_bad("--data-dir", self.data, "--weights", os.path.join(self.tmp.name, "no.pth"))
+        self.assertEqual((no_data.returncode, no_weights.returncode), (2, 2), no_data.stderr + no_weights.stderr)
+        guide = read_bytes(os.path.join(HERE, "GUIDE.md")).decode("utf-8")
+        self.assertIn("an exit code: 2 for a bad flag value, including a path that is not there", guide)
+        self.assertIn("a missing `--data-dir` or `--weights` alike", guide)
+
+    def test_a_folder_names_the_file_inside(self):
+        folder = os.path.join(self.tmp.name, "weights")
+        os.makedirs(folder)
+        open(os.path.join(folder, "deit_tiny_patch16_224.in1k.safetensors"), "wb").close()  # named, not read
+        out = self.run_bad("--data-dir", self.data, "--weights", folder)
+        self.assertEqual(out.returncode, 2, out.stderr)
+        self.assertIn("is a folder", out.stderr)
+        self.assertNotIn("no such file", out.stderr)
+        self.assertIn(f"--weights {os.path.join(folder, 'deit_tiny_patch16_224.in1k.safetensors')} "
+                      f"--backbone deit_tiny_patch16_224", out.stderr)
+
+    def test_an_adapter_points_at_evaluate(self):
+        adapter = os.path.join(self.tmp.name, "lora.pt")
+        torch.save(dict(state={"head.bias": torch.zeros(10)}, settings={"method": "lora"}, meta={}), adapter)
+        out = self.run_bad("--data-dir", self.data, "--weights", adapter)
+        self.assertEqual(out.returncode, 1, out.stderr)
+        self.assertIn("is an adapter", out.stderr)
+        self.assertIn(f"python evaluate.py --adapter {adapter}", out.stderr)
+        self.assertNotIn("missing keys", out.stderr)
+
+
+class TestDownloadWait(unittest.TestCase):
+    """Without a weights file the first run downloads; offline the hub retries for about a minute. The line
+    that starts it says so up front, and how to skip it; the error says it again."""
+
+    def download(self, hub_offline):
+        import huggingface_hub.constants
+        out = io.StringIO()
+        with unittest.mock.patch.object(common, "build_model", side_effect=OSError("no network")), \
+                unittest.mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", hub_offline), \
+                contextlib.redirect_stdout(out), self.assertRaises(common.RunError) as cm:
+            sources._download(common.BACKBONE, 10, 32)
+        return out.getvalue(), str(cm.exception)
+
+    def test_says_it_waits_and_how_to_skip_it(self):
+        printed, error = self.download(hub_offline=False)
+        first = printed.splitlines()[0]
+        self.assertIn("downloading", first)
+        self.assertIn("waits about a minute", first)
+        for text in (first, error):
+            self.assertIn("HF_HUB_OFFLINE=1", text)
+            self.assertIn("--weights FILE", text)
+            self.assertIn("needs --backbone deit_tiny_patch16_224", text)
+
+    def test_hub_offline_fails_at_once_and_says_why(self):
+        printed, error = self.download(hub_offline=True)
+        self.assertEqual(printed, "")  # no wait to announce
+        self.assertIn("HF_HUB_OFFLINE=1 forbids a download", error)
+        self.assertIn("--weights FILE", error)
+
+
 # ============================================================================= run (run.py: whole runs of the scripts)
 
 class TestLogitsFile(unittest.TestCase):
@@ -1456,6 +1565,87 @@ class TestCheckpointFunctions(unittest.TestCase):
             checkpoint.atomic_save({"v": torch.ones(3)}, path)  # the next write goes through
             self.assertTrue(torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(3)))
             self.assertFalse(os.path.exists(path + ".tmp"))
+
+
+class TestOneProcessPerRun(unittest.TestCase):
+    """The same run started twice at once: the second is refused while the first holds the run's lock (exit 2,
+    no row, the CSV byte for byte as it was); the lock goes with the process, however it ends. A finished
+    run started again says that its run key is already in the CSV, then runs."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.results = os.path.join(self.tmp.name, "r.csv")
+        common.append_result(self.results, fake_row())
+        self.before = read_bytes(self.results)
+        self.argv = ["--data-dir", make_imagefolder(os.path.join(self.tmp.name, "d")), "--no-pretrained",
+                     "--img-size", "32", "--threads", "1", "--results", self.results]
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def settings(self):
+        with contextlib.redirect_stdout(io.StringIO()):
+            return flags.parse("normtune", "", self.argv)
+
+    def test_second_start_is_refused_while_the_first_runs(self):
+        s = self.settings()
+        with checkpoint.run_lock(s):  # this process is "the first run", somewhere in its training
+            self.assertTrue(os.path.exists(checkpoint.lock_file_for(s)))
+            out = run_main("train_norm.py", *self.argv)
+            resumed = run_main("train_norm.py", *self.argv, "--resume")
+        for proc in (out, resumed):
+            self.assertEqual(proc.returncode, 2, proc.stdout + proc.stderr)
+            self.assertIn(f"this run is already running: process {os.getpid()} holds its lock", proc.stderr)
+            self.assertNotIn("Traceback", proc.stderr)
+            self.assertNotIn("model:", proc.stdout)  # refused before any work
+        self.assertEqual(read_bytes(self.results), self.before)  # no second row
+        self.assertFalse(os.path.exists(checkpoint.folder_for(self.results)))  # lock file and folder gone
+
+    def test_the_lock_itself_refuses_a_second_holder(self):
+        """Two starts at the same moment both pass the early check; the lock taken for training decides."""
+        s = self.settings()
+        with checkpoint.run_lock(s):
+            with self.assertRaisesRegex(checkpoint.Refused, "already running"):
+                with checkpoint.run_lock(s):
+                    self.fail("two holders of one run's lock")
+        with checkpoint.run_lock(s):  # let go: the next one gets it
+            pass
+
+    def test_let_go_when_the_holder_is_killed(self):
+        code = textwrap.dedent("""
+            import os, signal, sys
+            import checkpoint, flags
+            with checkpoint.run_lock(flags.parse("normtune", "", sys.argv[1:])):
+                os.kill(os.getpid(), signal.SIGKILL)  # no finally, no atexit: only the OS lets go
+        """)
+        proc = subprocess.run([sys.executable, "-c", code, *self.argv], cwd=HERE, env=offline_env(),
+                              capture_output=True, timeout=120)
+        self.assertEqual(proc.returncode, -signal.SIGKILL, proc.stderr)
+        s = self.settings()
+        self.assertTrue(os.path.exists(checkpoint.lock_file_for(s)))  # left behind, but not held
+        self.assertEqual(checkpoint.running_elsewhere(s), 0)
+        with checkpoint.run_lock(s):
+            pass
+
+    def test_without_fcntl_nothing_is_locked(self):
+        s = self.settings()
+        with unittest.mock.patch.object(checkpoint, "fcntl", None):
+            with checkpoint.run_lock(s), checkpoint.run_lock(s):
+                self.assertEqual(checkpoint.running_elsewhere(s), 0)
+
+    def test_finished_run_started_again_says_so_then_runs(self):
+        s = self.settings()
+        common.append_result(self.results, dict(fake_row(1), run_key=s.run_key))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            again = flags.parse("normtune", "", self.argv)  # no SystemExit: it goes on
+        self.assertEqual(again.run_key, s.run_key)
+        self.assertIn(f"this run (run_key {s.run_key}: the same settings) is already in {self.results} (line 3)",
+                      out.getvalue())
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), self.assertRaises(SystemExit):
+            flags.parse("normtune", "", [*self.argv, "--run-state"])
+        self.assertTrue(out.getvalue().startswith("done\t"), out.getvalue())  # run_week1.sh's answer, alone
 
 
 @needs_real_data
@@ -2022,6 +2212,45 @@ class TestEvaluateReproducesTrainingRow(unittest.TestCase):
             self.assertIn("not comparable", other.stdout)
 
 
+class TestEvaluateVerdicts(unittest.TestCase):
+    """evaluate.py's last line: unmerged, a float-rounding difference of an image or two 'agrees up to float
+    rounding' (not DIFFERENT); merged it must match exactly; more than that is DIFFERENT. And a file that is
+    not an adapter is named so, without torch's advice to load it with weights_only=False."""
+
+    def test_rounding_tolerance(self):
+        self.assertTrue(evaluate.within_rounding(84.5, 2.0, 85.0, 2.0, 200))   # one image of 200
+        self.assertTrue(evaluate.within_rounding(84.0, 2.0, 85.0, 2.0, 200))   # two: 1 % of 200
+        self.assertFalse(evaluate.within_rounding(83.5, 2.0, 85.0, 2.0, 200))  # three
+        self.assertTrue(evaluate.within_rounding(85.0, 3.9, 85.0, 2.0, 200))   # ECE: twice that
+        self.assertFalse(evaluate.within_rounding(85.0, 4.1, 85.0, 2.0, 200))
+        self.assertTrue(evaluate.within_rounding(79.0, 2.0, 80.0, 2.0, 10_000))  # 1 % of 10,000
+        self.assertFalse(evaluate.within_rounding(78.9, 2.0, 80.0, 2.0, 10_000))
+
+    def test_verdict_lines(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            make_imagefolder(tmp, train_classes=tuple("abcdefghij"), test_classes=tuple("abcdefghij"), n=3)
+            path, _, _ = trained_adapter(tmp, "lora", "--no-pretrained")
+            first = run_main("evaluate.py", "--adapter", path)
+            self.assertEqual(first.returncode, 0, first.stderr)
+            acc, ece = map(float, ACC_LINE.search(first.stdout).groups())
+            obj = torch.load(path, weights_only=True)
+            for shift, merge, verdict in ((100 / 30, False, "agrees up to float rounding"),  # one image of 30
+                                          (100 / 30, True, "DIFFERENT"), (300 / 30, False, "DIFFERENT")):
+                obj["meta"]["acc"], obj["meta"]["ece"] = acc + shift if acc < 50 else acc - shift, ece
+                torch.save(obj, path)
+                proc = run_main("evaluate.py", "--adapter", path, *(["--merge"] if merge else []))
+                self.assertEqual(proc.returncode, 0, proc.stderr)
+                self.assertIn(f"-> {verdict}", proc.stdout, (shift, merge))
+
+    def test_not_an_adapter_never_suggests_weights_only_false(self):
+        proc = run_main("evaluate.py", "--adapter", os.path.join(HERE, "README.md"))
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertIn("could not be read as an adapter", proc.stderr)
+        self.assertIn("--save-adapter", proc.stderr)
+        self.assertNotIn("weights_only", proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+
+
 # ============================================================================= summarize (summarize.py)
 
 try:
@@ -2174,6 +2403,133 @@ class TestSummarize(unittest.TestCase):
             self.assertNotIn("Traceback", proc.stderr)
             self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
             self.assertIn("--plots", proc.stderr)
+
+
+class TestSummarizeInputMistakes(unittest.TestCase):
+    """A 0-byte file is not 'a file with only the header'; a folder is not a missing file."""
+
+    def test_empty_file(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "empty.csv")
+            open(path, "w").close()
+            proc = run_summarize(path)
+            self.assertEqual(proc.returncode, 1, proc.stdout)
+            self.assertIn("is empty (0 bytes)", proc.stderr)
+            self.assertNotIn("only the header", proc.stdout + proc.stderr)
+            self.assertEqual(read_bytes(path), b"")
+            write_results(path, [])  # the header alone: no runs yet, and that is not an error
+            proc = run_summarize(path)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertIn("has no runs yet (only the header)", proc.stdout)
+
+    def test_folder(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            write_results(os.path.join(tmp, "r.csv"), [results_row()])
+            proc = run_summarize(tmp)
+            self.assertEqual(proc.returncode, 2, proc.stdout)
+            self.assertIn(f"{tmp} is a folder, not a results file; pass the CSV itself, e.g. "
+                          f"{os.path.join(tmp, 'r.csv')}", proc.stderr)
+            self.assertNotIn("no such results file", proc.stderr)
+
+
+def boxes_overlap(a, b) -> bool:
+    """Two matplotlib Bboxes share more than a pixel."""
+    return a.x0 < b.x1 - 1 and b.x0 < a.x1 - 1 and a.y0 < b.y1 - 1 and b.y0 < a.y1 - 1
+
+
+class TestPlotLayout(unittest.TestCase):
+    """The accuracy-vs-parameters plot's geometry, without matplotlib: ticks that do not run together,
+    labels that cover neither each other nor a marker."""
+
+    def test_decade_ticks(self):
+        self.assertEqual(summarize.decade_ticks(0.035 / 2.5, 100 * 2.5), [0.1, 1.0, 10.0, 100.0])
+        self.assertEqual(summarize.decade_ticks(2.0, 6.0), [2.0, 5.0])  # within one decade: 1-2-5
+
+    def test_labels_cover_nothing(self):
+        # LoRA and Hybrid 2 px apart (5.10 % and 5.26 %), NormTune and the linear probe apart, a point at the edge
+        points = [(300, 200), (302, 203), (120, 190), (40, 60), (590, 199)]
+        sizes = [(70, 11), (80, 11), (90, 11), (85, 11), (100, 11)]
+        obstacles = [(x - 7, y - 7, 14, 14) for x, y in points]
+        spots = summarize.spread_labels(points, sizes, obstacles, (0, 0, 600, 300))
+        boxes = [(x0, y0, w, h) for (x0, y0, _, _), (w, h) in zip(spots, sizes)]
+        for i, a in enumerate(boxes):
+            self.assertTrue(0 <= a[0] and a[0] + a[2] <= 600 and 0 <= a[1] and a[1] + a[3] <= 300, a)
+            for b in boxes[i + 1:] + obstacles:
+                overlap = a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+                self.assertFalse(overlap, (a, b))
+        self.assertEqual(spots[4][2], "left")  # no room on the right of the last point
+        self.assertFalse(spots[2][3])  # a label with room stays where it belongs, without a leader line
+
+
+@unittest.skipUnless(HAVE_MATPLOTLIB, "matplotlib is not installed (optional; `pip install matplotlib` to test "
+                                      "summarize.py --plots)")
+class TestPlotsRead(unittest.TestCase):
+    """The figures as a reader sees them: one colour and marker per method in every panel, the setting in a
+    title or the caption, labels and tick labels that do not overlap, reliability titles with image size
+    and counts."""
+
+    ROWS = ([other_row("linear", s, a, "4.0", **{"tuned_params_%": "0.0349"}) for s, a in enumerate((73, 73.5))]
+            + [other_row("normtune", s, a, "1.2", **{"tuned_params_%": "0.2086"}) for s, a in enumerate((83.5, 84))]
+            + [lora_row(s, a) for s, a in enumerate((84.2, 84.6))]
+            + [other_row("hybrid", s, a, "1.3", **{"tuned_params_%": "5.2642"}) for s, a in enumerate((84.5, 84.9))]
+            + [other_row("full", s, a, "1.5", **{"tuned_params_%": "100.0000"}) for s, a in enumerate((84.2, 84.6))])
+
+    def figure(self, rows):
+        plt = summarize.import_pyplot()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "r.csv")
+            write_results(path, rows)
+            groups = summarize.summarize(summarize.read_results(path))
+        fig = summarize.acc_vs_params_figure(plt, groups)
+        self.addCleanup(plt.close, fig)
+        fig.canvas.draw()
+        return fig, fig.canvas.get_renderer()
+
+    def check_panels(self, fig, renderer):
+        colours = {}
+        for ax in (a for a in fig.axes if a.get_visible()):
+            for line in ax.lines:
+                if line.get_marker() not in (None, "None", "", "_"):  # a point (not an error bar's cap)
+                    colours.setdefault(line.get_marker(), set()).add(line.get_color())
+            labels = [t for t in ax.texts if t.get_text()]
+            ticks = [t for t in ax.get_xticklabels() if t.get_text()]
+            for group in (labels, ticks):
+                extents = [t.get_window_extent(renderer) for t in group]
+                for i, a in enumerate(extents):
+                    for b, t in zip(extents[i + 1:], group[i + 1:]):
+                        self.assertFalse(boxes_overlap(a, b), f"{group[i].get_text()!r} / {t.get_text()!r}")
+            self.assertEqual([t.get_text() for t in ticks], ["0.1 %", "1 %", "10 %", "100 %"])
+        self.assertEqual(set(colours), {"v", "s", "o", "^", "*"})
+        self.assertTrue(all(len(c) == 1 for c in colours.values()), colours)  # one colour per method...
+        self.assertEqual(len(set.union(*colours.values())), 5)  # ...and five methods, five colours
+        legend = [t.get_text() for t in fig.legends[0].get_texts()]
+        self.assertEqual(legend, ["linear probe", "NormTune", "LoRA", "Hybrid", "full fine-tune"])
+
+    def test_one_setting(self):
+        fig, renderer = self.figure(self.ROWS)
+        self.check_panels(fig, renderer)
+        texts = [t.get_text() for t in fig.texts]
+        self.assertTrue(any(t.startswith("Setting: dataset=cifar10") and "img=224" in t for t in texts), texts)
+        labels = [t.get_text() for t in fig.axes[0].texts]
+        self.assertIn("LoRA 84.4", labels)
+        self.assertIn("Hybrid 84.7", labels)
+
+    def test_several_settings(self):
+        rows = self.ROWS + [dict(r, img_size="112", **{"acc@1": str(float(r["acc@1"]) - 3)}) for r in self.ROWS]
+        fig, renderer = self.figure(rows)
+        self.check_panels(fig, renderer)
+        titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+        self.assertEqual(titles, ["setting 1: img=224", "setting 2: img=112"])
+        self.assertTrue(any(t.startswith("Every panel: dataset=cifar10") for t in (x.get_text() for x in fig.texts)))
+
+    def test_reliability_title_names_image_size_and_counts(self):
+        row = results_row(method="hybrid", seed="2", img_size="112", train_samples="2000", epochs="1",
+                          backbone="deit_tiny_patch16_224", precision="fp32")
+        calib = dict(ece=1.5, count=[0, 400, 600], confidence=[0, 0.5, 0.8], accuracy=[0, 0.5, 0.8])
+        title = summarize.reliability_title(calib, row)
+        self.assertIn("Hybrid, seed 2", title)
+        self.assertIn("deit_tiny_patch16_224, 112 px, 2,000 training / 1,000 test images, 1 epoch, fp32", title)
+        self.assertIn("ECE 1.50 % over 3 equal-width confidence bins", title)
 
 
 class TestStudentT(unittest.TestCase):
@@ -2599,6 +2955,35 @@ class TestRunWeek1(unittest.TestCase):
             self.assertNotIn("===", proc.stdout)
 
 
+class TestRunWeek1Messages(unittest.TestCase):
+    """The sweep's own mistakes: --seed before -- names --seeds (not 'go after --', which --seed after -- then
+    refuses); a --results file with a foreign header gets that error alone, before any note about its layout."""
+
+    def test_seed_names_seeds_on_either_side(self):
+        for args in (["--seed", "0"], ["--seed=0"], ["--", "--seed", "1"]):
+            proc = run_week1(*args)
+            self.assertEqual(proc.returncode, 2, args)
+            self.assertIn("the sweep takes seeds as --seeds S [S ...]", proc.stderr)
+            self.assertNotIn("go after --", proc.stderr)
+
+    def test_foreign_header_is_the_only_message(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            other = os.path.join(tmp, "other.csv")
+            with open(other, "w") as f:
+                f.write("a,b\n1,2\n")
+            before = read_bytes(other)
+            proc = run_week1("--", "--results", other, "--no-pretrained")
+            self.assertEqual(proc.returncode, 2, proc.stdout + proc.stderr)
+            self.assertEqual(proc.stdout, "")  # no note about a missing run_key column
+            self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
+            self.assertIn("has a different header than this version writes", proc.stderr)
+            self.assertEqual(read_bytes(other), before)
+            old = os.path.join(tmp, "old.csv")  # a header of an earlier version: the note, then the sweep
+            write_results(old, [], columns=results_file.OLD_COLUMNS)
+            proc = run_week1("--", "--results", old, "--epochs", "0")
+            self.assertIn("has no run_key column", proc.stdout)
+
+
 class TestRunWeek1Resume(unittest.TestCase):
     @needs_real_data
     def test_interrupted_sweep_rerun_gives_one_row_per_run(self):
@@ -2661,8 +3046,16 @@ class TestBench(unittest.TestCase):
         if "bf16" not in precisions:
             self.assertFalse(any(re.search(r"\bbf16\b +\d", ln) for ln in lines))
         for text in ("torch " + torch.__version__, "train img/s", "eval img/s", "% peak", "50k epoch",
-                     "merged vs unmerged", "peak matmul", "GFLOP/image at 32 px", "data preparation"):
+                     "merged vs unmerged", "peak matmul", "GFLOP/image at 32 px", "data preparation",
+                     "do not predict real training"):  # 32 px, one step: a smoke test, and it says so
             self.assertIn(text, out.stdout)
+
+    def test_tiny_settings_warn_that_ratios_mean_nothing(self):
+        import bench
+        for img_size, steps in ((32, 1), (64, 10), (224, 2)):
+            self.assertIn("do not predict real training", bench.too_small_to_mean_anything(img_size, steps))
+        self.assertEqual(bench.too_small_to_mean_anything(224, 10), "")
+        self.assertEqual(bench.too_small_to_mean_anything(112, 10), "")
 
     def test_flops_and_models_are_the_suites(self):
         import bench
@@ -2674,6 +3067,44 @@ class TestBench(unittest.TestCase):
         self.assertEqual(common.param_breakdown(bench.suite_model("linear probe", 32))["trainable"], 1930)
         full = common.param_breakdown(bench.suite_model("full fine-tune", 32))
         self.assertEqual(full["trainable"], full["total"])
+
+
+# ============================================================================= README.md
+
+class TestReadme(unittest.TestCase):
+    """The README's first page walks a newcomer's first hour, in order, and stays short; what it says to
+    read first exists."""
+
+    def setUp(self):
+        self.text = read_bytes(os.path.join(HERE, "README.md")).decode("utf-8")
+        self.first_page = self.text.split("## Read in this order", 1)[0]
+
+    def test_first_hour_in_order(self):
+        steps = ["pip install -r requirements.txt", "python -m unittest test_core",
+                 "python train_hybrid.py --img-size 112 --train-samples 2000 --eval-samples 1000",
+                 "python summarize.py results_week1.csv --plots plots/", "--save-adapter lora.pt", "python evaluate.py --adapter lora.pt --merge",
+                 "./run_week1.sh --seeds 0 1 2 ", "./run_week1.sh --seeds 0 1 2 --baselines"]
+        where = [self.first_page.find(step) for step in steps]
+        self.assertNotIn(-1, where, [s for s, w in zip(steps, where) if w < 0])
+        self.assertEqual(where, sorted(where))
+        self.assertIn("acc_vs_params.png", self.first_page)  # where the plots land
+        self.assertLessEqual(len(self.text.splitlines()), 165)  # "about 150 lines"
+
+    def test_first_hour_commands_parse(self):
+        """Every python command of the first page's code blocks is valid for its script's own parser."""
+        blocks = re.findall(r"```bash\n(.*?)```", self.first_page, re.S)
+        commands = [shlex.split(line.split("#")[0]) for b in blocks for line in b.splitlines()
+                    if line.startswith("python ") and ".py" in line.split()[1]]
+        self.assertGreaterEqual(len(commands), 5)
+        methods = {script: method for method, script in SCRIPTS.items()}
+        for _, script, *argv in commands:
+            with self.subTest(script=script, argv=argv), contextlib.redirect_stderr(io.StringIO()):
+                if script in methods:
+                    flags.build_parser(methods[script], "").parse_args(argv)
+                elif script == "summarize.py":
+                    summarize.parse_args(argv)
+                elif script == "evaluate.py":
+                    evaluate.parse_args(argv)
 
 
 # ============================================================================= notes.md
