@@ -736,8 +736,8 @@ def decade_ticks(lo: float, hi: float) -> list:
 def spread_labels(points, sizes, obstacles, bounds, gap=2.0) -> list:
     """Where each point's label goes, in pixels, so that no label covers another label, a marker or an error
     bar (obstacles: boxes (x0, y0, w, h)). Tried in this order of preference: right of the point, left of it,
-    above it, below it; each moved up or down past whatever is in the way; the shortest move that stays
-    inside bounds (left, bottom, right, top) wins. points: [(x, y)] (y up); sizes: [(w, h)] of each label.
+    above it, below it (those two slid sideways to stay inside); each moved up or down past whatever is in
+    the way; the shortest move that stays inside bounds (left, bottom, right, top) wins. points: [(x, y)] (y up); sizes: [(w, h)] of each label.
     -> [(x0, y0, side, moved)]: the box's lower-left corner, 'right', 'left', 'above' or 'below', and
     whether it had to move from its first place (then a line should lead to its point)."""
     left, bottom, right, top = bounds
@@ -756,8 +756,9 @@ def spread_labels(points, sizes, obstacles, bounds, gap=2.0) -> list:
     for i in sorted(range(len(points)), key=lambda i: (points[i][1], points[i][0])):
         (x, y), (w, h) = points[i], sizes[i]
         options = []
+        centred = min(max(x - w / 2, left), right - w)  # above or below, slid sideways to stay inside
         places = (("right", x + 10, y - h / 2), ("left", x - 10 - w, y - h / 2),
-                  ("above", x - w / 2, y + 10), ("below", x - w / 2, y - 10 - h))
+                  ("above", centred, y + 10), ("below", centred, y - 10 - h))
         for penalty, (side, x0, start) in enumerate(places):
             for step in (1, -1):
                 y0 = free_y(x0, w, h, start, step)
