@@ -221,8 +221,8 @@ def too_small_to_mean_anything(img_size: int, steps: int) -> str:
     why = [w for w in why if w]
     if not why:
         return ""
-    return (f"warning: {' and '.join(why)}: the ratios and 50k-epoch times of this run do not predict real training. "
-            f"A smoke test only; for numbers, run at the defaults (224 px, 10 steps) or --img-size 112.")
+    return (f"warning: {' and '.join(why)}: the ratios and 50k-epoch times of this run do not predict real "
+            f"training. A smoke test only; for numbers, run at the defaults (224 px, 10 steps) or --img-size 112.")
 
 
 def restart_with_avx2():

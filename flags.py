@@ -136,8 +136,9 @@ class _Parser(argparse.ArgumentParser):
 def full_names(parser: argparse.ArgumentParser, message: str) -> str:
     """For an unrecognized --flag that begins real ones (--epoch): name them. Abbreviations are refused
     (allow_abbrev=False), as run_week1.sh refuses them, so a typo never passes for another flag."""
-    words = [w.split("=")[0] for w in message.split() if w.startswith("--")
-             and message.startswith("unrecognized arguments:")]
+    if not message.startswith("unrecognized arguments:"):
+        return ""
+    words = [w.split("=")[0] for w in message.split() if w.startswith("--")]
     full = sorted({o for w in words for o in parser._option_string_actions if o.startswith(w) and o != w})
     return f". Flags are not abbreviated; write them in full: {' or '.join(full)}" if full else ""
 

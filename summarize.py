@@ -981,8 +981,8 @@ class _Parser(argparse.ArgumentParser):
         """One clear line instead of argparse's usage block: exit code 2 (as the train scripts do). An
         abbreviated flag (--plot) is refused and the full one named, as flags.full_names does (torch-free
         here)."""
-        words = [w.split("=")[0] for w in message.split() if w.startswith("--")
-                 and message.startswith("unrecognized arguments:")]
+        unknown = message.split(":", 1)[1] if message.startswith("unrecognized arguments:") else ""
+        words = [w.split("=")[0] for w in unknown.split() if w.startswith("--")]
         full = sorted({o for w in words for o in self._option_string_actions if o.startswith(w) and o != w})
         hint = f". Flags are not abbreviated; write them in full: {' or '.join(full)}" if full else ""
         self.exit(2, f"{self.prog}: error: {message}{hint}\n(`python {self.prog} --help` lists every flag)\n")
