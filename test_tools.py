@@ -1538,10 +1538,17 @@ class TestResume(unittest.TestCase):
         a, b = (torch.load(p, weights_only=True)["state"] for p in (adapter, ref_adapter))
         self.assertEqual(set(a), set(b))
         self.assertTrue(all(torch.equal(a[k], b[k]) for k in a))
-        with open(os.path.join(self.tmp.name, row["calibration_file"])) as f, \
-                open(os.path.join(self.tmp.name, ref_row["calibration_file"])) as g:
-            self.assertEqual({k: v for k, v in json.load(f).items() if k != "ts"},
-                             {k: v for k, v in json.load(g).items() if k != "ts"})
+        calibrations, logits = [], []
+        for r in (row, ref_row):  # the same bins and the same logits; only the names (by time) differ
+            path = os.path.join(self.tmp.name, r["calibration_file"])
+            with open(path) as f:
+                calibrations.append(json.load(f))
+            with np.load(os.path.join(os.path.dirname(path), calibrations[-1].pop("logits_file"))) as z:
+                logits.append({k: z[k] for k in z.files})
+            del calibrations[-1]["ts"]
+        self.assertEqual(calibrations[0], calibrations[1])
+        self.assertEqual(set(logits[0]), {"test_logits", "test_labels"})
+        self.assertTrue(all(np.array_equal(logits[0][k], logits[1][k]) for k in logits[0]))
 
     def test_refusals_leave_everything_as_it_was(self):
         common.append_result(self.results, fake_row())
