@@ -13,7 +13,7 @@ About 5 minutes at the defaults on 2 quiet cores (longer on a busy machine).
 
 What is timed
 - training step: the suite's own data path on a uint8 batch (common.random_crop_flip, common.to_model_input)
-  + common.train_step (forward under common.autocast, fp32 loss, backward, AdamW step), after
+  + one step of common.train_epoch (forward under common.autocast, fp32 loss, backward, AdamW step), after
   cpu.use_speed_paths(training=True), exactly as run.train does;
 - evaluation step: common.predict on one batch (inference_mode, fp32 softmax), with the LoRA factors
   merged first as run.evaluate does (one extra row evaluates LoRA unmerged);
@@ -44,12 +44,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import common
 import cpu
 import evaluate
 import flags
 import lora
-import run
 
 WARMUP = 2                     # untimed steps per setup (oneDNN builds its kernels on the first call)
 EPOCH_IMAGES = 50_000          # CIFAR-10 training split
@@ -125,7 +125,7 @@ def plain_eval_step(model, batch, precision):
 def suite_model(method, img_size):
     """The model exactly as the train_*.py scripts build it (random init)."""
     model = plain_model(img_size)
-    return evaluate.apply_method(model, METHOD_KEY[method])  # default r=8, alpha=16, qkv/proj/fc1/fc2
+    return evaluate.apply_method(model, METHOD_KEY[method])  # lora.py's default r, alpha, targets
 
 
 def suite_train_step(method, precision, batch, args):
@@ -135,8 +135,8 @@ def suite_train_step(method, precision, batch, args):
     cpu.use_speed_paths(model, precision, training=True)   # as run.train does
 
     def step():
-        x, y = batch()
-        common.train_step(model, opt, sched, x, y, precision)
+        for _ in common.train_epoch(model, opt, sched, [batch()], precision):  # one batch, one step
+            pass
     return step
 
 
@@ -296,7 +296,7 @@ def main():
     floor = EPOCH_IMAGES * 2 * fwd / peak[best]
     print(f"model: forward {fwd:.2f} GFLOP/image at {args.img_size} px; training ~2x that with a frozen "
           f"backbone, ~3x for a full fine-tune. FLOP floor of a 50k Hybrid epoch in {best}: "
-          f"{run.format_duration(floor)} at peak")
+          f"{cli.format_duration(floor)} at peak")
     prep = sec[("data prep", "fp32", "prep")]
     print(f"data preparation (crop/flip, resize, normalise of {args.batch_size} images): {1000 * prep:.1f} ms "
           f"= {100 * prep / sec[('Hybrid', best, 'train')]:.1f} % of a Hybrid {best} training step")
@@ -330,7 +330,7 @@ def print_table(sec: dict, precisions, peak: dict, fwd: float, batch_size: int):
         else:
             backbone = ips[("plain backbone", prec, "eval")]
             cells += [f"{e:.1f}", f"{e / backbone:.2f}", f"{100 * e * fwd / peak[prec]:.0f} %"]
-        return cells + [run.format_duration(EPOCH_IMAGES / t) if t else ""]
+        return cells + [cli.format_duration(EPOCH_IMAGES / t) if t else ""]
 
     head = ["setup", "precision", "train img/s", "ms/step", "x plain", "x NormTune", "% peak", "eval img/s",
             "x backbone", "% peak", "50k epoch"]

@@ -38,6 +38,8 @@ try:
 except ImportError:  # pragma: no cover
     fcntl = None
 
+import cli
+
 FORMAT = 1  # bump when the file's layout changes: older files are then refused as unreadable
 REQUIRED = {"format", "settings", "run_key", "trainable", "optimizer", "scheduler", "data_rng", "torch_rng",
             "progress"}
@@ -88,9 +90,9 @@ def folder_for(results: str) -> str:
     return os.path.splitext(results)[0] + "_checkpoints"
 
 
-def file_for(args) -> str:
+def file_for(s) -> str:
     """The checkpoint file of this run: one per settings, next to the results file."""
-    return os.path.join(folder_for(args.results), f"{args.method}_seed{args.seed}_{args.run_key}.pt")
+    return os.path.join(folder_for(s.results), f"{s.method}_seed{s.seed}_{s.run_key}.pt")
 
 
 def resume_command() -> str:
@@ -132,48 +134,48 @@ def row_lines(results: str, key: str) -> list:
         return [rows.line_num for row in rows if len(row) > col and row[col] == key]
 
 
-def check_before_start(args):
+def check_before_start(s):
     """Right after the flags are parsed, before any data or weights are loaded: answer --run-state, and refuse
     what would lose or mix up work."""
-    path = file_for(args)
-    if args.run_state:  # for run_week1.sh: done / checkpoint / new, a tab, the checkpoint file; exit 0
-        state = "done" if has_row(args.results, args.run_key) else "checkpoint" if os.path.exists(path) else "new"
+    path = file_for(s)
+    if s.run_state:  # for run_week1.sh: done / checkpoint / new, a tab, the checkpoint file; exit 0
+        state = "done" if has_row(s.results, s.run_key) else "checkpoint" if os.path.exists(path) else "new"
         print(f"{state}\t{path}")
         sys.exit(0)
-    pid = running_elsewhere(args)  # before anything about its checkpoint, which that process is writing
+    pid = running_elsewhere(s)  # before anything about its checkpoint, which that process is writing
     if pid:
-        raise Refused(already_running_message(args, pid))
-    if args.resume:
+        raise Refused(already_running_message(s, pid))
+    if s.resume:
         if not os.path.exists(path):
-            raise Refused(no_checkpoint_message(args, path))
-        load(path, args)  # refuses a damaged file or other settings now, not after loading the data
+            raise Refused(no_checkpoint_message(s, path))
+        load(path, s)  # refuses a damaged file or other settings now, not after loading the data
     elif os.path.exists(path):
         raise Refused(f"a checkpoint of a run with these settings already exists: {path}. Add --resume to "
                       f"continue it (with the same numbers as a run that was never interrupted), or delete it "
                       f"to start this run over: rm {shlex.quote(path)}. It is never overwritten.")
-    lines = row_lines(args.results, args.run_key)
+    lines = row_lines(s.results, s.run_key)
     if lines:  # a deliberate repeat is legitimate; an accidental one should not pass unnoticed
-        print(f"note: this run (run_key {args.run_key}: the same settings) is already in {args.results} "
+        print(f"note: this run (run_key {s.run_key}: the same settings) is already in {s.results} "
               f"(line {', '.join(map(str, lines))}); it runs again and adds another row, of which summarize.py "
               f"counts only the newest (./run_week1.sh skips such runs). Change a setting, e.g. --seed, to run "
               f"a new one.")
 
 
-def no_checkpoint_message(args, path) -> str:
+def no_checkpoint_message(s, path) -> str:
     """--resume without a checkpoint for these settings: say so, and what there is instead."""
     msg = f"--resume: there is no checkpoint for these settings ({path} does not exist)."
     others = []
-    for other in sorted(glob.glob(os.path.join(folder_for(args.results), f"{args.method}_seed{args.seed}_*.pt"))):
+    for other in sorted(glob.glob(os.path.join(folder_for(s.results), f"{s.method}_seed{s.seed}_*.pt"))):
         try:
             theirs = torch.load(other, map_location="cpu", weights_only=True)["settings"]
         except Exception:
             continue  # a damaged neighbour says nothing about these settings
-        others.append(f"{os.path.basename(other)}: {describe_differences(args.run_settings, theirs)}")
+        others.append(f"{os.path.basename(other)}: {describe_differences(s.run_settings, theirs)}")
     if others:
-        msg += (f" There is a checkpoint of {args.method} seed {args.seed} with other settings ("
+        msg += (f" There is a checkpoint of {s.method} seed {s.seed} with other settings ("
                 + "; and ".join(others[:3]) + "): to continue it, give the flags it was made with.")
-    if has_row(args.results, args.run_key):
-        msg += f" This run has already finished: its row is in {args.results}."
+    if has_row(s.results, s.run_key):
+        msg += f" This run has already finished: its row is in {s.results}."
     return msg + " Leave out --resume to start this run from zero."
 
 
@@ -273,28 +275,12 @@ def _acquire(path, s):
 # ----------------------------------------------------------------------------- files
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, fsync, rename over `path`, fsync the folder: a kill
-    or power loss at any moment leaves either the previous file or the new one, never a half-written one."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, a second Ctrl-C: drop the partial file, keep the previous one
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    with contextlib.suppress(OSError, AttributeError):  # the rename itself reaches the disk (POSIX only)
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """torch.save, through cli.write_atomic: a kill or power loss at any moment leaves either the
+    previous file or the new one, never a half-written one."""
+    cli.write_atomic(path, lambda f: torch.save(obj, f))
 
 
-def load(path, args) -> dict:
+def load(path, s) -> dict:
     """Read a checkpoint and check that it continues this run; Refused (exit 2) otherwise."""
     start_over = f"delete it and run the same command without --resume to start this run over: rm {shlex.quote(path)}"
     try:
@@ -306,7 +292,7 @@ def load(path, args) -> dict:
     if not (isinstance(ckpt, dict) and REQUIRED <= set(ckpt) and ckpt["format"] == FORMAT):
         raise Refused(f"--resume: {path} is not a checkpoint this version can continue (damaged, or written by "
                       f"another version): {start_over}.")
-    theirs, ours = ckpt["settings"], args.run_settings
+    theirs, ours = ckpt["settings"], s.run_settings
     for what in ("method", "backbone"):
         if theirs.get(what) != ours.get(what):
             raise Refused(f"--resume: the checkpoint {path} was made for {what} {theirs.get(what) or 'default'}, "
@@ -319,9 +305,9 @@ def load(path, args) -> dict:
     return ckpt
 
 
-def discard(args):
+def discard(s):
     """After the run's row is written: its checkpoint has served its purpose."""
-    path = file_for(args)
+    path = file_for(s)
     if os.path.exists(path):
         os.remove(path)
         print(f"checkpoint: removed {path}")
@@ -352,10 +338,10 @@ class Progress:
         return f"at epoch {self.epoch}/{epochs}, step {len(self.losses)}/{steps_per_epoch}"
 
 
-def save(path, model, opt, sched, g: torch.Generator, progress: Progress, args) -> bool:
+def save(path, model, opt, sched, g: torch.Generator, progress: Progress, s) -> bool:
     """Write the run's checkpoint; on failure (e.g. a full disk) warn and return False: training goes on, and
     the previous checkpoint, if any, is intact."""
-    ckpt = dict(format=FORMAT, settings=dict(args.run_settings), run_key=args.run_key,
+    ckpt = dict(format=FORMAT, settings=dict(s.run_settings), run_key=s.run_key,
                 trainable={n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
                 optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                 data_rng=g.get_state(), torch_rng=torch.get_rng_state(), progress=vars(progress))
@@ -369,10 +355,10 @@ def save(path, model, opt, sched, g: torch.Generator, progress: Progress, args) 
         return False
 
 
-def restore(path, args, model, opt, sched, g: torch.Generator) -> Progress:
+def restore(path, s, model, opt, sched, g: torch.Generator) -> Progress:
     """Load the checkpoint into a model, optimizer and scheduler built exactly as at the start of the run, and
     set both RNGs; returns how far the run got."""
-    ckpt = load(path, args)
+    ckpt = load(path, s)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = ckpt["trainable"]
     if set(saved) != set(trainable) or any(saved[n].shape != p.shape for n, p in trainable.items()):
@@ -420,12 +406,12 @@ def stop_on_signals(every_min: float):
         if signum == signal.SIGINT and stop.signum == signal.SIGINT:
             raise KeyboardInterrupt  # pressed twice: don't wait for the step to end
         stop.signum = signum
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 def interrupted(signum: int, path: str, saved: bool, where: str) -> Interrupted:

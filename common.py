@@ -1,14 +1,16 @@
-"""The method shared by the train_*.py scripts: CIFAR-10 tensors, ViT-Tiny, the training loop, metrics.
+"""The method shared by the train_*.py scripts: CIFAR-10 tensors, ViT-Tiny, the loop, metrics.
 
 Read in this order (each section stands alone; paste any function with torch / numpy / timm and its
 neighbours):
   1. settings      the backbones and the per-group learning rates (DEFAULT_LRS)
-  2. data          uint8 image tensors, seeded class-balanced subsets, augmentation, model input
+  2. data          uint8 image tensors, seeded class-balanced subsets, augmentation, model input,
+                   train_batches (the (x, y) batches of a pass, from any step)
   3. model         timm's ViT-Tiny with a new head; counting what trains
   4. optimizer     AdamW with one rate per parameter group, warmup + cosine
-  5. training      train_step (forward, loss, zero_grad, backward, step) and train_epoch (the loop)
+  5. training      train_epoch: the loop (forward, loss, zero_grad, backward, step)
   6. evaluation    predict -> logits; accuracy, 15-bin ECE, temperature scaling (pure numpy)
-The CSV appender (append_result, CSV_COLUMNS) and the two error classes are re-exported from results_file.py.
+The CSV appender (append_result, CSV_COLUMNS) and the two error classes are re-exported from
+results_file.py.
 LoRA is in lora.py, NormTune in normtune.py, each method's recipe in its train_*.py. Everything that
 protects a run (flags, checks, checkpoints, CPU speed paths) lives beside this file, in flags.py,
 sources.py, run.py, checkpoint.py and cpu.py: nothing here imports them.
@@ -21,25 +23,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The results CSV (columns, checks, append) lives in the torch-free results_file.py; re-exported here.
+# The results CSV (columns, checks, append) lives in the torch-free results_file.py; re-exported.
 from results_file import CSV_COLUMNS, OLD_COLUMNS, RunError, UsageError, append_result  # noqa: F401
 
 # ----------------------------------------------------------------------------- 1. settings
 
-# Two backbones of one architecture (ViT-Ti/16): timm's default vit_tiny (augreg: ImageNet-21k, then 1k;
-# mean/std 0.5) and DeiT-tiny (ImageNet-1k only; ImageNet mean/std). Name -> Hugging Face hub id.
+# Two backbones of one architecture (ViT-Ti/16): timm's default vit_tiny (augreg: ImageNet-21k,
+# then 1k; mean/std 0.5) and DeiT-tiny (ImageNet-1k only; ImageNet mean/std). Name -> hub id.
 BACKBONES = {"vit_tiny_patch16_224": "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k",
              "deit_tiny_patch16_224": "timm/deit_tiny_patch16_224.fb_in1k"}
 BACKBONE = "vit_tiny_patch16_224"  # the default
 PATCH = 16
 WIDTH = 192  # ViT-Ti's embedding width: min(in, out) of every qkv/proj/fc1/fc2 layer
-# The validation and test subsets are drawn with this seed whatever --seed is, so runs with different
-# seeds are judged on the same images: their spread is training noise, not test-sampling noise.
+# The validation and test subsets are drawn with this seed whatever --seed is, so runs with
+# different seeds are judged on the same images: their spread is training noise, not sampling noise.
 DATA_SEED = 0
-# Peak learning rate per parameter group (AdamW, warmup, cosine to 0); --lr sets a method's first group.
-# Chosen on a validation split by the sweep in notes.md ("Learning-rate sweep"), which says why they differ;
-# the two norm rates were re-checked at the full 50,000 images (notes.md, "Full scale"): NormTune's moved to
-# 1e-2; the Hybrid's stayed at 5e-3 (1e-2 trailed it on validation).
+# Peak learning rate per parameter group (AdamW, warmup, cosine to 0); --lr sets a method's first
+# group. Chosen on a validation split by the sweep in notes.md ("Learning-rate sweep"), which says
+# why they differ; the two norm rates were re-checked at the full 50,000 images (notes.md, "Full
+# scale"): NormTune's moved to 1e-2; the Hybrid's stayed at 5e-3 (1e-2 trailed it on validation).
 DEFAULT_LRS = {
     "linear":   {"head": 1e-2},
     "normtune": {"norm": 1e-2, "head": 1e-2},
@@ -84,9 +86,9 @@ def balanced_subset(labels, n, seed: int) -> torch.Tensor:
 
 
 def split_indices(labels, n_train, n_val: int, seed: int):
-    """-> (train indices, val indices) into one split's labels. The validation subset is class-balanced
-    and drawn with DATA_SEED, so it is the same for every --seed; the training subset is drawn with
-    `seed` from the images that are not in it, so the two never overlap."""
+    """-> (train indices, val indices) into one split's labels. The validation subset is
+    class-balanced and drawn with DATA_SEED, so it is the same for every --seed; the training subset
+    is drawn with `seed` from the images that are not in it, so the two never overlap."""
     labels = torch.as_tensor(labels)
     val = balanced_subset(labels, n_val, DATA_SEED) if n_val else torch.zeros(0, dtype=torch.long)
     rest = torch.ones(len(labels), dtype=torch.bool)
@@ -96,7 +98,7 @@ def split_indices(labels, n_train, n_val: int, seed: int):
 
 
 def random_crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """CIFAR augmentation on a uint8 batch (B, 3, 32, 32): zero-pad, random 32x32 crop, random h-flip."""
+    """CIFAR augmentation on a uint8 batch (B, 3, 32, 32): zero-pad, random 32x32 crop, h-flip."""
     b, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=g).tolist()
@@ -115,21 +117,35 @@ def to_model_input(x: torch.Tensor, img_size: int, mean, std) -> torch.Tensor:
     return x.sub_(torch.tensor(mean).view(1, 3, 1, 1)).div_(torch.tensor(std).view(1, 3, 1, 1))
 
 
+def train_batches(data: Split, order: torch.Tensor, g: torch.Generator, batch_size: int,
+                  img_size: int, mean, std):
+    """(x, y) training batches of `data` in `order` (a permutation, or what is left of one): each
+    uint8 batch cropped and flipped with `g`, then made model input. Lazy, one batch when asked for:
+    a pass stopped after k batches and continued with order[k * batch_size:] and the same g state
+    is the same pass."""
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        x = to_model_input(random_crop_flip(data.images[idx], g), img_size, mean, std)
+        yield x, data.labels[idx]
+
+
 # ----------------------------------------------------------------------------- 3. model
 
 def build_model(backbone: str, num_classes: int, img_size: int, pretrained: bool = True,
                 weights_file=None) -> nn.Module:
-    """timm's ViT with a new, randomly initialised `num_classes` head, at img_size (timm resamples the
-    position embedding). weights_file: a local checkpoint instead of the hub download; timm's own loader
-    drops its 1000-class head. Every parameter is left trainable: each method's recipe chooses."""
+    """timm's ViT with a new, randomly initialised `num_classes` head, at img_size (timm resamples
+    the position embedding). weights_file: a local checkpoint instead of the hub download; timm's
+    own loader drops its 1000-class head. Every parameter is left trainable: each method's recipe
+    chooses."""
     import timm
     overlay = dict(file=weights_file, custom_load=False) if weights_file else None
-    return timm.create_model(backbone, pretrained=pretrained or bool(weights_file), num_classes=num_classes,
-                             img_size=img_size, pretrained_cfg_overlay=overlay)
+    return timm.create_model(backbone, pretrained=pretrained or bool(weights_file),
+                             num_classes=num_classes, img_size=img_size,
+                             pretrained_cfg_overlay=overlay)
 
 
 def count_parameters(model: nn.Module):
-    """-> (trainable, total), total over every parameter of the adapted model, LoRA factors included."""
+    """-> (trainable, total), over every parameter of the adapted model, LoRA factors included."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
 
@@ -138,11 +154,12 @@ def param_breakdown(model: nn.Module) -> dict:
     """Trainable parameters by kind: LoRA factors, LayerNorm, head; plus totals and tuned %."""
     def trainable(ps):
         return sum(p.numel() for p in ps if p.requires_grad)
-    norm_params = [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
-    lora_params = [p for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
+    norms = [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
+    factors = [p for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
     n_trainable, n_total = count_parameters(model)
-    return dict(lora=trainable(lora_params), norm=trainable(norm_params), head=trainable(model.head.parameters()),
-                trainable=n_trainable, total=n_total, pct=100.0 * n_trainable / n_total)
+    return dict(lora=trainable(factors), norm=trainable(norms),
+                head=trainable(model.head.parameters()), trainable=n_trainable, total=n_total,
+                pct=100.0 * n_trainable / n_total)
 
 
 def format_breakdown(b: dict) -> str:
@@ -165,9 +182,10 @@ def param_group(name: str, module_of: dict) -> str:
 
 def make_optimizer(model, lrs: dict, weight_decay: float, total_steps: int):
     """AdamW with one parameter group per (kind, decay): each kind at its own peak rate from `lrs`
-    (see DEFAULT_LRS). Decay only matrices (LoRA A/B, head weight, backbone weights), not LayerNorm
-    gains or biases, which decay would pull towards 0. Linear warmup, then cosine to 0, for every group.
-    In a full fine-tune the LayerNorms are part of the backbone and train at its rate."""
+    (see DEFAULT_LRS). Decay only tensors of 2 or more dimensions (LoRA A/B, the head's weight; in a
+    full fine-tune also the backbone's weights and embeddings), not LayerNorm gains or biases, which
+    decay would pull towards 0. Linear warmup, then cosine to 0, for every group. In a full
+    fine-tune the LayerNorms are part of the backbone and train at its rate."""
     modules = dict(model.named_modules())
     kinds = {}
     for name, p in model.named_parameters():
@@ -193,40 +211,33 @@ def make_optimizer(model, lrs: dict, weight_decay: float, total_steps: int):
 # ----------------------------------------------------------------------------- 5. training
 
 def autocast(precision: str):
-    """bf16 autocast for the forward pass ("bf16"), or nothing ("fp32"); loss and softmax stay fp32."""
+    """bf16 autocast for the forward pass ("bf16"), or nothing ("fp32"); loss, softmax stay fp32."""
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=(precision == "bf16"))
 
 
-def train_step(model, opt, sched, x, y, precision: str) -> torch.Tensor:
-    """One AdamW step on a batch; returns the fp32 loss. A non-finite loss leaves the weights alone."""
-    with autocast(precision):
-        logits = model(x)                           # (B, 3, H, W) -> (B, C)
-    loss = F.cross_entropy(logits.float(), y)
-    if torch.isfinite(loss):
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return loss
-
-
-def train_epoch(model, opt, sched, data: Split, order: torch.Tensor, g: torch.Generator, batch_size: int,
-                img_size: int, mean, std, precision: str, start: int = 0):
-    """One pass over `data` in `order` (a permutation), from step `start`; yields (step, loss) after each
-    step. The caller logs, checkpoints or stops between two steps: the loop itself only trains.
-    `g` draws the augmentation, so a pass continued later from the same g state is the same pass."""
+def train_epoch(model, opt, sched, batches, precision: str, start: int = 0):
+    """One pass over `batches` of (x, y), its steps numbered from `start`; yields (step, loss) after
+    each step, so that the caller can log, checkpoint or stop between two steps."""
     model.train()
-    for step in range(start, math.ceil(len(order) / batch_size)):
-        idx = order[step * batch_size:(step + 1) * batch_size]
-        x = to_model_input(random_crop_flip(data.images[idx], g), img_size, mean, std)
-        yield step, train_step(model, opt, sched, x, data.labels[idx], precision)
+    for step, (x, y) in enumerate(batches, start):
+        with autocast(precision):
+            logits = model(x)                       # (B, 3, H, W) -> (B, C)
+        loss = F.cross_entropy(logits.float(), y)
+        if torch.isfinite(loss):                    # a diverged step leaves the weights alone
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        yield step, loss
 
 
 # ----------------------------------------------------------------------------- 6. evaluation
 
 @torch.inference_mode()
-def predict(model, images: torch.Tensor, batch_size: int, img_size: int, mean, std, precision: str) -> np.ndarray:
-    """Logits (N, C) in fp32 for uint8 images (N, 3, 32, 32), batch by batch (merge LoRA first for speed)."""
+def predict(model, images: torch.Tensor, batch_size: int, img_size: int, mean, std,
+            precision: str) -> np.ndarray:
+    """Logits (N, C) in fp32 for uint8 images (N, 3, 32, 32), batch by batch (merge LoRA first for
+    speed)."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
@@ -255,8 +266,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The temperature T > 0 that minimises the NLL of softmax(logits / T) (Guo et al., 2017).
 
     With b = 1/T the NLL is a log-sum-exp of functions linear in b, so it is convex in b and its
-    derivative  mean_i( E_softmax(b z_i)[z_i] - z_i,y )  increases with b: bisection on the sign of the
-    derivative (in log b) finds the minimum. Dividing by T > 0 never changes an argmax.
+    derivative  mean_i( E_softmax(b z_i)[z_i] - z_i,y )  increases with b: bisection on the sign of
+    the derivative (in log b) finds the minimum. Dividing by T > 0 never changes an argmax.
     """
     z, y = np.asarray(logits, dtype=np.float64), np.asarray(labels)
     z_y = z[np.arange(len(z)), y]

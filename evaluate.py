@@ -36,15 +36,15 @@ RECIPES = {"linear": train_linear.recipe, "normtune": train_norm.recipe, "lora":
            "hybrid": train_hybrid.recipe, "full": train_full.recipe}  # each defined once, in its script
 
 
-def apply_method(model, method, lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets=lora.VALID_TARGETS,
-                 train_head=True):
-    """Do to a backbone what train_<method>.py does (its recipe), and return it."""
+def apply_method(model, method, train_head=True, **lora_args):
+    """Do to a backbone what train_<method>.py does (its recipe), and return it. lora_args, for LoRA and
+    the Hybrid (ignored by the others): apply_lora's targets, r, alpha, dropout; lora.py's defaults."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if method == "linear":
         return RECIPES[method](model)
     if method in ("lora", "hybrid"):
-        return RECIPES[method](model, lora_r, lora_alpha, lora_dropout or 0.0, tuple(lora_targets), train_head)
+        return RECIPES[method](model, train_head=train_head, **lora_args)
     return RECIPES[method](model, train_head=train_head)
 
 
@@ -140,7 +140,8 @@ def rebuild_model(adapter: dict, s: argparse.Namespace):
     """Seed, build the frozen backbone, apply the method, load the adapter's tensors over it."""
     torch.manual_seed(s.seed)  # as cpu.setup does before create_model in the training scripts
     model = sources.create_model(s, num_classes=len(adapter["meta"]["classes"]))
-    apply_method(model, s.method, s.lora_r, s.lora_alpha, s.lora_dropout, s.lora_targets, not s.no_train_head)
+    apply_method(model, s.method, not s.no_train_head, targets=s.lora_targets, r=s.lora_r, alpha=s.lora_alpha,
+                 dropout=s.lora_dropout or 0.0)
     state, own = adapter["state"], model.state_dict()
     unknown = sorted(k for k in state if k not in own)
     shape = sorted(k for k in state if k in own and tuple(own[k].shape) != tuple(state[k].shape))

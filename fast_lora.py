@@ -49,9 +49,10 @@ What FastLoRALinear.forward computes:
                                                 view), so a compiled run computes what it did before;
   - otherwise (no autocast: fp32 training)   -> LoRAFunction.
 
-This is a speed switch, not a different method: cpu.use_speed_paths switches it on for training (through
-use_fast_lora) and off for evaluation. FastLoRALinear shares lora.LoRALinear's parameters and state_dict;
-the teaching class itself never switches to it.
+This is a speed switch, not a different method. Every LoRA training run uses it: before training,
+cpu.use_speed_paths (through use_fast_lora) turns each LoRALinear of the model into a FastLoRALinear by
+swapping its class, and before evaluation turns it back. The layer keeps its parameters, state_dict and
+merged state, and stays an instance of lora.LoRALinear; lora.py's class and formula are not changed.
 """
 import torch
 from torch.autograd.function import once_differentiable

@@ -14,6 +14,7 @@ import types
 from dataclasses import dataclass, field, replace
 
 import checkpoint
+import cli
 import common
 import cpu
 import lora
@@ -27,11 +28,14 @@ GROUP_NAMES = {"head": "new classifier head", "norm": "LayerNorm weights and bia
 
 @dataclass(frozen=True)
 class Settings:
-    """One run's settings: the flags, then what is derived from them. Frozen: made once by parse()."""
+    """One run's settings: the flags, then what is derived from them. Frozen: made once by parse().
+    A default here is the flag's default too (build_parser reads it), except for what depends on the
+    method (the rates: common.DEFAULT_LRS; the LoRA flags: lora.R, lora.ALPHA) or on the machine
+    (precision, threads: stored resolved)."""
     method: str
+    lr: float                # the main group's peak rate: common.DEFAULT_LRS[method] unless --lr
     epochs: int = 1
     batch_size: int = 32
-    lr: float = 1e-3
     head_lr: float = None    # None where the method has no such flag
     norm_lr: float = None
     weight_decay: float = 0.01
@@ -94,10 +98,19 @@ lora_rank = _checked(int, lambda v: 1 <= v <= common.WIDTH,
 
 
 def lora_targets_value(text):
-    try:
-        return lora.parse_targets(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e))
+    """'proj,qkv' -> ('qkv', 'proj'): in the block's order, so one set of layers has one spelling (and
+    one summary group). The one check of the names: lora.apply_lora takes them as they come."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    valid = ",".join(lora.VALID_TARGETS)
+    bad = [t for t in names if t not in lora.VALID_TARGETS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown LoRA target(s) {', '.join(bad) or '(none given)'}; "
+                                         f"valid targets are {valid} (comma-separated)")
+    repeated = sorted({t for t in names if names.count(t) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"LoRA target(s) {', '.join(repeated)} given more than once; name "
+                                         f"each layer once, e.g. {valid}")
+    return tuple(t for t in lora.VALID_TARGETS if t in names)
 
 
 # ----------------------------------------------------------------------------- the parser
@@ -126,29 +139,12 @@ class _ListFlags(argparse.Action):
         parser.exit()
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """One clear line (and where to look) instead of argparse's usage block: exit code 2."""
-        self.exit(2, f"{self.prog}: error: {message}{full_names(self, message)}\n"
-                     f"(`python {self.prog} --help` lists every flag)\n")
-
-
-def full_names(parser: argparse.ArgumentParser, message: str) -> str:
-    """For an unrecognized --flag that begins real ones (--epoch): name them. Abbreviations are refused
-    (allow_abbrev=False), as run_week1.sh refuses them, so a typo never passes for another flag."""
-    if not message.startswith("unrecognized arguments:"):
-        return ""
-    words = [w.split("=")[0] for w in message.split() if w.startswith("--")]
-    full = sorted({o for w in words for o in parser._option_string_actions if o.startswith(w) and o != w})
-    return f". Flags are not abbreviated; write them in full: {' or '.join(full)}" if full else ""
-
-
 def build_parser(method: str, doc: str) -> argparse.ArgumentParser:
     main_group, groups = common.main_group(method), common.DEFAULT_LRS[method]
-    p = _Parser(description=doc, formatter_class=_HelpFormatter, allow_abbrev=False)
+    p = cli.Parser(description=doc, formatter_class=_HelpFormatter)
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=positive_int, default=1, help="passes over the training set")
-    g.add_argument("--batch-size", type=positive_int, default=32, help="images per step")
+    g.add_argument("--epochs", type=positive_int, default=Settings.epochs, help="passes over the training set")
+    g.add_argument("--batch-size", type=positive_int, default=Settings.batch_size, help="images per step")
     g.add_argument("--lr", type=positive_float, default=groups[main_group],
                    help=f"peak AdamW learning rate of the {GROUP_NAMES[main_group]}")
     if "head" in groups and main_group != "head":
@@ -157,49 +153,51 @@ def build_parser(method: str, doc: str) -> argparse.ArgumentParser:
     if "norm" in groups and main_group != "norm":
         g.add_argument("--norm-lr", type=positive_float, default=groups["norm"],
                        help="peak learning rate of the LayerNorm weights and biases")
-    g.add_argument("--weight-decay", type=nonnegative_float, default=0.01,
-                   help="AdamW weight decay on matrices (LoRA factors, head weight); never on norms/biases")
-    g.add_argument("--seed", type=seed_value, default=0, help="seeds the training subset, shuffling, augmentation and inits")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=Settings.weight_decay,
+                   help="AdamW weight decay on every trained tensor of 2+ dimensions (LoRA factors, weight "
+                        "matrices; a full fine-tune's embeddings too); never on LayerNorms or biases")
+    g.add_argument("--seed", type=seed_value, default=Settings.seed,
+                   help="seeds the training subset, shuffling, augmentation and inits")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto = bf16 autocast if this CPU has native bf16 (AVX512-BF16/AMX), else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (about 30 s warm-up)")
     g.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads (default: number of physical cores)")
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+    g.add_argument("--data-dir", default=Settings.data_dir,
                    help="CIFAR-10 root (downloads here if missing), or an ImageFolder tree with train/ and test/")
-    g.add_argument("--img-size", type=img_size_value, default=224,
+    g.add_argument("--img-size", type=img_size_value, default=Settings.img_size,
                    help="input resolution, a multiple of 16; the position embedding is resampled by timm")
-    g.add_argument("--train-samples", type=positive_int, default=None,
+    g.add_argument("--train-samples", type=positive_int, default=Settings.train_samples,
                    help="seeded class-balanced training subset (default: all 50,000, less --val-samples)")
-    g.add_argument("--val-samples", type=nonnegative_int, default=0,
+    g.add_argument("--val-samples", type=nonnegative_int, default=Settings.val_samples,
                    help="hold out this many training images (class-balanced, the same for every --seed) as a "
                         "validation split: val metrics and a temperature for calibrated ECE (0 = off)")
-    g.add_argument("--eval-samples", type=positive_int, default=None,
+    g.add_argument("--eval-samples", type=positive_int, default=Settings.eval_samples,
                    help="class-balanced test subset, the same for every --seed (default: all 10,000)")
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", choices=tuple(common.BACKBONES), default=common.BACKBONE,
+    g.add_argument("--backbone", choices=tuple(common.BACKBONES), default=Settings.backbone,
                    help="timm model name: its own pretrained weights and input mean/std")
     w = g.add_mutually_exclusive_group()
-    w.add_argument("--weights", default=None, metavar="PATH",
+    w.add_argument("--weights", default=Settings.weights, metavar="PATH",
                    help="local checkpoint of the --backbone (.safetensors/.pth/.bin) instead of downloading")
     w.add_argument("--no-pretrained", action="store_true", help="random init (numbers are NOT meaningful results)")
     if method != "linear":  # the linear probe trains nothing but the head
         g.add_argument("--no-train-head", action="store_true", help="freeze the new classifier head too")
     if method in ("lora", "hybrid"):
         g = p.add_argument_group("LoRA")
-        g.add_argument("--lora-r", type=lora_rank, default=8,
+        g.add_argument("--lora-r", type=lora_rank, default=lora.R,
                        help=f"rank r of B·A, at most {common.WIDTH} (the smallest in/out width of the targeted layers)")
-        g.add_argument("--lora-alpha", type=positive_float, default=16.0, help="scaling = alpha / r")
+        g.add_argument("--lora-alpha", type=positive_float, default=lora.ALPHA, help="scaling = alpha / r")
         g.add_argument("--lora-dropout", type=dropout_value, default=0.0, help="dropout on the LoRA input, in [0, 1)")
         g.add_argument("--lora-targets", type=lora_targets_value, default=",".join(lora.VALID_TARGETS),
                        help="comma-separated nn.Linear names in each block: " + ",".join(lora.VALID_TARGETS))
     g = p.add_argument_group("output")
-    g.add_argument("--results", default=DEFAULT_RESULTS, help="results CSV to append one row to")
-    g.add_argument("--save-adapter", default=None, metavar="PATH",
+    g.add_argument("--results", default=Settings.results, help="results CSV to append one row to")
+    g.add_argument("--save-adapter", default=Settings.save_adapter, metavar="PATH",
                    help="save only the trained parameters + settings (for evaluate.py)")
     g = p.add_argument_group("checkpoints")
-    g.add_argument("--checkpoint-every", type=nonnegative_float, default=5.0, metavar="MIN",
+    g.add_argument("--checkpoint-every", type=nonnegative_float, default=Settings.checkpoint_every, metavar="MIN",
                    help="minutes of training between checkpoints, which are also written at the end of each epoch "
                         "and on Ctrl-C/SIGTERM, in <results stem>_checkpoints/; 0 = no checkpoints")
     g.add_argument("--resume", action="store_true",

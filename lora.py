@@ -13,10 +13,11 @@ import torch
 import torch.nn as nn
 
 VALID_TARGETS = ("qkv", "proj", "fc1", "fc2")  # the nn.Linear layers of a timm ViT block
+R, ALPHA = 8, 16.0  # the default rank and alpha of every script (scaling alpha / r = 2)
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, r: int = R, alpha: float = ALPHA, dropout: float = 0.0):
         super().__init__()
         if not 1 <= r <= min(base.in_features, base.out_features):
             # B·A has rank <= min(in, out) whatever r is: a larger r only adds parameters.
@@ -26,7 +27,7 @@ class LoRALinear(nn.Module):
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        # Same layout and init as loralib: A (r, in) Kaiming-uniform with a=sqrt(5), B (out, r) zeros.
+        # As loralib: A (r, in) Kaiming-uniform with a=sqrt(5), B (out, r) zeros.
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -60,39 +61,16 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
 
-def parse_targets(text: str) -> tuple:
-    """'proj,qkv' -> ('qkv', 'proj'): in the block's order, so one set of layers has one spelling
-    (and one summary group). Unknown or repeated names raise ValueError listing the valid ones."""
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in names if t not in VALID_TARGETS]
-    if bad or not names:
-        raise ValueError(f"unknown LoRA target(s) {', '.join(bad) or '(none given)'}; "
-                         f"valid targets are {','.join(VALID_TARGETS)} (comma-separated)")
-    repeated = sorted({t for t in names if names.count(t) > 1})
-    if repeated:
-        raise ValueError(f"LoRA target(s) {', '.join(repeated)} given more than once; name each layer once, "
-                         f"e.g. {','.join(VALID_TARGETS)}")
-    return tuple(t for t in VALID_TARGETS if t in names)
-
-
-def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-               targets=VALID_TARGETS) -> list:
-    """Wrap every nn.Linear named in `targets` inside model.blocks; return the replaced names.
-
-    Only the transformer blocks are searched: patch_embed.proj (a Conv2d) and the head stay as they are.
-    """
-    if isinstance(targets, str):
-        targets = parse_targets(targets)
-    parse_targets(",".join(targets))  # validates names
+def apply_lora(model: nn.Module, targets=VALID_TARGETS, **layer_args) -> list:
+    """Wrap each nn.Linear named in `targets` (names from VALID_TARGETS) inside model.blocks in a
+    LoRALinear(layer, **layer_args): r, alpha, dropout. Returns the replaced layers' names.
+    patch_embed.proj (a Conv2d) and the head are outside the blocks and stay as they are."""
     replaced = []
     for block_name, block in list(model.blocks.named_modules(prefix="blocks")):
-        for child_name, child in list(block.named_children()):
-            if child_name in targets and isinstance(child, nn.Linear):
-                setattr(block, child_name, LoRALinear(child, r=r, alpha=alpha, dropout=dropout))
-                replaced.append(f"{block_name}.{child_name}")
-    missing = [t for t in targets if not any(n.endswith("." + t) for n in replaced)]
-    if missing:
-        raise ValueError(f"LoRA target(s) {', '.join(missing)} match no nn.Linear in model.blocks")
+        for name, layer in list(block.named_children()):
+            if name in targets and isinstance(layer, nn.Linear):
+                setattr(block, name, LoRALinear(layer, **layer_args))
+                replaced.append(f"{block_name}.{name}")
     return replaced
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import cli
 import common
 import cpu
 import lora
@@ -41,15 +42,10 @@ def fit_and_report(model, data: sources.Data, s) -> dict:
 
 # ----------------------------------------------------------------------------- train
 
-def format_duration(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
 def train(model, data: common.Split, s):
-    """All epochs, from the start or from the run's checkpoint (--resume); -> (seconds per epoch, compile
-    warm-up seconds). Between two steps it logs, and on a signal or the checkpoint clock it saves and
-    stops or goes on."""
+    """All epochs, from the start or from the run's checkpoint (--resume); -> (seconds per epoch,
+    compile warm-up seconds). Between two steps it logs, and on a signal or the checkpoint clock it
+    saves and stops or goes on."""
     mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
     net = torch.compile(model) if s.compile else model
     steps = math.ceil(len(data.labels) / s.batch_size)
@@ -61,40 +57,41 @@ def train(model, data: common.Split, s):
         print(f"compile: warm-up {compile_time_s:.1f}s (not counted in train_time_s)")
     path = checkpoint.file_for(s)
     # a fresh run, or one continued from its checkpoint: weights, AdamW, schedule, both RNGs, losses, time
-    run = checkpoint.restore(path, s, model, opt, sched, g) if s.resume else checkpoint.Progress()
+    progress = checkpoint.restore(path, s, model, opt, sched, g) if s.resume else checkpoint.Progress()
     log_every_s = 0.0 if os.environ.get("PEFT_LOG_EVERY_STEP") == "1" else 15.0  # 0: every step, full precision
     with checkpoint.stop_on_signals(s.checkpoint_every) as stop:
         if s.resume:
-            print(f"resumed {path} {run.where(steps, s.epochs)} "
-                  f"({sum(run.epoch_times) + run.time_s:.1f}s of training done)", flush=True)
+            print(f"resumed {path} {progress.where(steps, s.epochs)} "
+                  f"({sum(progress.epoch_times) + progress.time_s:.1f}s of training done)", flush=True)
         if s.checkpoint_every:
             print(f"training: checkpoints every {s.checkpoint_every:g} min, at each epoch's end and on "
                   f"Ctrl-C/SIGTERM, in {path}", flush=True)
-        while run.epoch <= s.epochs:
-            if run.order is None:
-                run.order = torch.randperm(len(data.labels), generator=g)
+        while progress.epoch <= s.epochs:
+            if progress.order is None:
+                progress.order = torch.randperm(len(data.labels), generator=g)
+            start = len(progress.losses)  # steps of this epoch done before (a resumed run)
+            batches = common.train_batches(data, progress.order[start * s.batch_size:], g, s.batch_size,
+                                           s.img_size, mean, std)
             t0 = last_log = time.perf_counter()
-            start = len(run.losses)
-            for step, loss in common.train_epoch(net, opt, sched, data, run.order, g, s.batch_size, s.img_size,
-                                                 mean, std, s.precision, start=len(run.losses)):
-                check_finite(loss, run.epoch, step, steps, s.lr)
-                run.losses.append(loss.item())
+            for step, loss in common.train_epoch(net, opt, sched, batches, s.precision, start):
+                check_finite(loss, progress.epoch, step, steps, s.lr)
+                progress.losses.append(loss.item())
                 now = time.perf_counter()
                 if now - last_log >= log_every_s or step + 1 == steps:
-                    log_step(run, step, steps, len(data.labels), s.batch_size, start, now - t0, log_every_s)
+                    log_step(progress, step, steps, len(data.labels), s.batch_size, start, now - t0, log_every_s)
                     last_log = now
                 if step + 1 < steps and stop.due():
                     break  # save a checkpoint, then stop or go on
-            run.time_s += time.perf_counter() - t0
-            if len(run.losses) == steps:
-                print(f"epoch {run.epoch}/{s.epochs}: mean loss {np.mean(run.losses):.6f}, {run.time_s:.1f}s "
-                      f"({len(data.labels) / run.time_s:.1f} img/s)", flush=True)
-                run.finish_epoch()
-            saved = checkpoint.save(path, model, opt, sched, g, run, s) if s.checkpoint_every else False
+            progress.time_s += time.perf_counter() - t0
+            if len(progress.losses) == steps:
+                print(f"epoch {progress.epoch}/{s.epochs}: mean loss {np.mean(progress.losses):.6f}, "
+                      f"{progress.time_s:.1f}s ({len(data.labels) / progress.time_s:.1f} img/s)", flush=True)
+                progress.finish_epoch()
+            saved = checkpoint.save(path, model, opt, sched, g, progress, s) if s.checkpoint_every else False
             stop.saved()
             if stop.signum:
-                raise checkpoint.interrupted(stop.signum, path, saved, run.where(steps, s.epochs))
-    return run.epoch_times, compile_time_s
+                raise checkpoint.interrupted(stop.signum, path, saved, progress.where(steps, s.epochs))
+    return progress.epoch_times, compile_time_s
 
 
 def check_finite(loss, epoch: int, step: int, steps: int, lr: float):
@@ -104,13 +101,15 @@ def check_finite(loss, epoch: int, step: int, steps: int, lr: float):
                        f"(was {lr:g}). No row was written.")
 
 
-def log_step(run, step: int, steps: int, n: int, batch_size: int, start: int, elapsed: float, log_every_s: float):
-    """'  epoch E step S/N  loss L  R img/s  eta M:SS' (the loss in full precision with PEFT_LOG_EVERY_STEP=1)."""
+def log_step(progress, step: int, steps: int, n: int, batch_size: int, start: int, elapsed: float,
+             log_every_s: float):
+    """'  epoch E step S/N  loss L  R img/s  eta M:SS' (the loss in full precision with
+    PEFT_LOG_EVERY_STEP=1)."""
     done = min(n, (step + 1) * batch_size)
     rate = (done - start * batch_size) / elapsed
-    shown = f"{run.losses[-1]:.4f}" if log_every_s else repr(run.losses[-1])
-    print(f"  epoch {run.epoch} step {step + 1}/{steps}  loss {shown}  {rate:.1f} img/s  "
-          f"eta {format_duration((n - done) / rate)}", flush=True)
+    shown = f"{progress.losses[-1]:.4f}" if log_every_s else repr(progress.losses[-1])
+    print(f"  epoch {progress.epoch} step {step + 1}/{steps}  loss {shown}  {rate:.1f} img/s  "
+          f"eta {cli.format_duration((n - done) / rate)}", flush=True)
 
 
 def compile_warmup(net, model, data: common.Split, s, mean, std) -> float:

@@ -54,19 +54,17 @@ abbreviated flag), a missing file or a folder instead of the CSV, 1 a file that 
 (an empty, 0-byte one included), or --plots without matplotlib.
 """
 import argparse
-import contextlib
 import functools
 import json
 import math
 import os
 import shlex
-import stat
 import sys
-import tempfile
 import textwrap
 
 import numpy as np
 
+import cli
 import results_file
 from results_file import RunError, UsageError
 
@@ -286,13 +284,6 @@ def fmt_optional(ms, n, runs) -> str:
     return fmt_mean_std(ms) + (f" ({n} of {runs})" if n < runs else "")
 
 
-def fmt_duration(s: float) -> str:
-    if s < 60:
-        return f"{s:.1f} s"
-    s = int(round(s))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
 def markdown_table(groups) -> str:
     """The summary table; settings shared by every group go in one line above it. The validation and
     temperature-scaling columns appear only when some run has them (old files never do)."""
@@ -313,7 +304,8 @@ def markdown_table(groups) -> str:
                  fmt_mean_std(g["ece"])]
         cells += [fmt_optional(g["val_acc"], g["val_n"], g["runs"])] * show_val
         cells += [fmt_optional(g["ece_ts"], g["ts_n"], g["runs"])] * show_ts
-        lines.append("| " + " | ".join(cells + [fmt_duration(g["epoch_s"])]) + " |")
+        cells.append(f"{g['epoch_s']:.1f} s" if g["epoch_s"] < 60 else cli.format_duration(g["epoch_s"]))
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("std: sample std over seeds (ddof=1); – = a single run. time/epoch: mean over runs, training "
                  "only, in s or m:ss (the CSV's threads column says how many CPU threads).")
@@ -627,31 +619,13 @@ def _relative_to(path, notes_path) -> str:
         return os.path.abspath(path)
 
 
-def write_atomic(path, data: bytes):
-    """Replace the file's bytes all at once: a temp file in the same folder (same file system), fsync,
-    os.replace. A crash or a full disk leaves the old file or the new one, never half of one."""
-    target = os.path.realpath(path)  # a symlinked notes.md stays a symlink
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix="." + os.path.basename(target) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))  # mkstemp makes it private; keep the notes' mode
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_notes(notes_path, text, block) -> bool:
     """Put block between the markers; False (and no write) when it is already there."""
     new = replace_block(text, block, notes_path)
     if new == text:
         return False
     try:
-        write_atomic(notes_path, new.encode("utf-8"))
+        cli.write_atomic(notes_path, lambda f: f.write(new.encode("utf-8")))
     except OSError as e:
         raise RunError(f"--write-notes {notes_path} could not be written ({type(e).__name__}: {e}); it was left "
                        f"untouched. Check the folder's permissions and free space.")
@@ -942,25 +916,22 @@ def plot_reliability(plt, calib, row, path) -> str:
 
 def param_rows(img_size=224, num_classes=10) -> list:
     """(name, common.param_breakdown) per method, each built as its train_*.py builds it (random init:
-    parameter counts do not depend on the weights), with the scripts' default LoRA flags."""
+    parameter counts do not depend on the weights), with the scripts' default LoRA flags (lora.py's)."""
     import common
-    import flags
     from evaluate import apply_method
-    d = flags.build_parser("hybrid", "").parse_args([])  # the scripts' defaults: r, alpha, targets
     rows = []
     for method in METHOD_ORDER:
         model = common.build_model(common.BACKBONE, num_classes, img_size, pretrained=False)
-        apply_method(model, method, d.lora_r, d.lora_alpha, d.lora_dropout, d.lora_targets)
+        apply_method(model, method)
         rows.append((method, common.param_breakdown(model)))
     return rows
 
 
 def param_table(img_size=224, num_classes=10) -> str:
     import common
-    import flags
-    d = flags.build_parser("hybrid", "").parse_args([])
-    lines = [f"{common.BACKBONE} at {img_size} px, {num_classes} classes, LoRA r={d.lora_r}, "
-             f"alpha={d.lora_alpha:g} on {','.join(d.lora_targets)}. total = every parameter of the adapted "
+    import lora
+    lines = [f"{common.BACKBONE} at {img_size} px, {num_classes} classes, LoRA r={lora.R}, "
+             f"alpha={lora.ALPHA:g} on {','.join(lora.VALID_TARGETS)}. total = every parameter of the adapted "
              f"model (frozen backbone + LoRA factors + new head); tuned % = trainable / total.", "",
              "| method | LoRA | LayerNorm | head | trainable | total | tuned % |",
              "|---|--:|--:|--:|--:|--:|--:|"]
@@ -976,22 +947,9 @@ def param_table(img_size=224, num_classes=10) -> str:
 
 # ----------------------------------------------------------------------------- main
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """One clear line instead of argparse's usage block: exit code 2 (as the train scripts do). An
-        abbreviated flag (--plot) is refused and the full one named, as flags.full_names does (torch-free
-        here)."""
-        unknown = message.split(":", 1)[1] if message.startswith("unrecognized arguments:") else ""
-        words = [w.split("=")[0] for w in unknown.split() if w.startswith("--")]
-        full = sorted({o for w in words for o in self._option_string_actions if o.startswith(w) and o != w})
-        hint = f". Flags are not abbreviated; write them in full: {' or '.join(full)}" if full else ""
-        self.exit(2, f"{self.prog}: error: {message}{hint}\n(`python {self.prog} --help` lists every flag)\n")
-
-
 def parse_args(argv=None):
     description, epilog = __doc__.split("\n\n", 2)[0], __doc__.split("\n\n", 2)[2]
-    p = _Parser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
-                allow_abbrev=False)
+    p = cli.Parser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="?", default=DEFAULT_RESULTS, help="results CSV (default: results_week1.csv)")
     p.add_argument("--reference", metavar="METHOD", default=None,
                    help=f"method the others are compared with in the paired comparison (default {DEFAULT_REFERENCE})")

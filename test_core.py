@@ -286,11 +286,15 @@ class TestApplyLoRA(unittest.TestCase):
         self.assertEqual(names, [f"blocks.{i}.attn.qkv" for i in range(12)])
         self.assertIs(type(model.blocks[0].attn.proj), nn.Linear)
 
-    def test_unknown_target_lists_valid_ones(self):
-        with self.assertRaises(ValueError) as cm:
-            lora.apply_lora(vit(), targets=("qkv", "query"))
-        self.assertIn("query", str(cm.exception))
-        self.assertIn("qkv,proj,fc1,fc2", str(cm.exception))
+    def test_layer_args_reach_every_layer(self):
+        model = vit()
+        lora.apply_lora(model, targets=("fc1",), r=4, alpha=2.0, dropout=0.1)
+        layers = lora.lora_layers(model)
+        self.assertEqual(len(layers), 12)
+        self.assertEqual({(m.r, m.scaling, m.lora_dropout.p) for m in layers}, {(4, 0.5, 0.1)})
+        model = vit()
+        lora.apply_lora(model)  # the scripts' defaults, in one place: lora.R and lora.ALPHA
+        self.assertEqual({(m.r, m.alpha, m.scaling) for m in lora.lora_layers(model)}, {(8, 16.0, 2.0)})
 
     def test_only_lora_factors_get_gradients(self):
         model = vit().requires_grad_(False)  # a frozen backbone, as every recipe starts
@@ -337,6 +341,20 @@ def trainable_names(model):
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
+HEAD = {"head.weight", "head.bias"}
+
+
+def what_trains(model) -> dict:
+    """{method: the parameter names its recipe trains, head included} for a timm ViT as common.build_model
+    returns it, from its layers' types and names alone (not from the recipes)."""
+    modules = dict(model.named_modules())
+    norms = {f"{m}.{w}" for m, mod in modules.items() if isinstance(mod, nn.LayerNorm) for w in ("weight", "bias")}
+    factors = {f"{m}.lora_{ab}" for m, mod in modules.items() if m.startswith("blocks.")
+               and m.rpartition(".")[2] in lora.VALID_TARGETS for ab in "AB"}
+    return {"linear": HEAD, "normtune": norms | HEAD, "lora": factors | HEAD, "hybrid": factors | norms | HEAD,
+            "full": {n for n, _ in model.named_parameters()}}
+
+
 class TestRecipes(unittest.TestCase):
     """Each script's recipe decides, from a model as common.build_model returns it (all trainable), what trains."""
 
@@ -344,22 +362,14 @@ class TestRecipes(unittest.TestCase):
         self.assertEqual(evaluate.RECIPES, {"linear": train_linear.recipe, "normtune": train_norm.recipe,
                                             "lora": train_lora.recipe, "hybrid": train_hybrid.recipe,
                                             "full": train_full.recipe})  # evaluate.apply_method uses these
-        modules = dict(vit().named_modules())
-        norms = {f"{m}.{w}" for m, mod in modules.items() if isinstance(mod, nn.LayerNorm) for w in ("weight", "bias")}
-        head = {"head.weight", "head.bias"}
-        factors = {f"{m}.lora_{ab}" for m, mod in modules.items() if m.startswith("blocks.")
-                   and m.rpartition(".")[2] in lora.VALID_TARGETS for ab in "AB"}
-        everything = {n for n, _ in vit().named_parameters()}
-        want = {"linear": head, "normtune": norms | head, "lora": factors | head, "hybrid": factors | norms | head,
-                "full": everything}
+        want = what_trains(vit())
         for method, names in want.items():
             with self.subTest(method=method):
                 self.assertEqual(trainable_names(evaluate.apply_method(vit(), method)), names)
                 if method != "linear":  # --no-train-head: the same without the head
                     self.assertEqual(trainable_names(evaluate.apply_method(vit(), method, train_head=False)),
-                                     names - head)
-        self.assertEqual(len(factors), 96)
-        self.assertEqual(len(norms), 50)
+                                     names - HEAD)
+        self.assertEqual((len(want["lora"]), len(want["normtune"])), (96 + 2, 50 + 2))  # factors, norms, head
 
     def test_linear_probe_trains_exactly_the_head(self):
         model = evaluate.apply_method(vit(img_size=224), "linear")
@@ -663,37 +673,61 @@ def tiny_hybrid_run(seed, n=24, steps=6):
 
 
 def epoch_losses(model, opt, sched, data, order, g, start=0):
-    """common.train_epoch's losses over one pass (batches of 8, 32 px, fp32) from step `start`: {step: loss}."""
-    return {step: loss.item() for step, loss in common.train_epoch(model, opt, sched, data, order, g, 8, 32,
-                                                                   (0.5,) * 3, (0.5,) * 3, "fp32", start=start)}
+    """common.train_epoch's losses over one pass (batches of 8, 32 px, fp32) from step `start`, as
+    run.train continues a pass: {step: loss}."""
+    batches = common.train_batches(data, order[start * 8:], g, 8, 32, (0.5,) * 3, (0.5,) * 3)
+    return {step: loss.item() for step, loss in common.train_epoch(model, opt, sched, batches, "fp32", start)}
 
 
 class TestTrainingLoop(unittest.TestCase):
-    def test_train_step_skips_the_update_on_a_non_finite_loss(self):
-        model = lora_hybrid().train()
+    def test_a_non_finite_loss_leaves_the_weights_alone(self):
+        model = lora_hybrid().eval()
         opt, sched = common.make_optimizer(model, ALL_GROUPS_LR, 0.01, 3)
         before = copy.deepcopy(model.state_dict())
-        loss = common.train_step(model, opt, sched, torch.full((2, 3, 32, 32), float("nan")),
-                                 torch.tensor([0, 1]), "fp32")
-        self.assertFalse(torch.isfinite(loss))
+        nan, ok = torch.full((2, 3, 32, 32), float("nan")), torch.zeros(2, 3, 32, 32)
+        losses = [loss for _, loss in common.train_epoch(model, opt, sched, [(nan, torch.tensor([0, 1]))], "fp32")]
+        self.assertFalse(torch.isfinite(losses[0]))
+        self.assertTrue(model.training)  # the loop puts the model in training mode
         for k, v in model.state_dict().items():
             self.assertTrue(torch.equal(v, before[k]), k)
+        self.assertEqual(sched.last_epoch, 0)  # nor does the schedule move
+        list(common.train_epoch(model, opt, sched, [(ok, torch.tensor([0, 1]))], "fp32"))  # a finite one does
+        self.assertEqual(sched.last_epoch, 1)
+        self.assertFalse(torch.equal(model.head.bias, before["head.bias"]))
 
     def test_train_epoch_yields_every_step_and_continues_from_start(self):
-        """A pass stopped after any step and continued from there (start=, the same g state) is the same pass."""
+        """A pass stopped after any step and continued from there (the rest of the order, the same g
+        state, start=) is the same pass."""
         model, opt, sched, data, g = tiny_hybrid_run(0)
         order = torch.randperm(len(data.labels), generator=g)
         whole = epoch_losses(model, opt, sched, data, order, g)
         self.assertEqual(list(whole), [0, 1, 2])  # ceil(24 / 8) steps, each yielded once
         self.assertTrue(model.training)
-        model, opt, sched, data, g = tiny_hybrid_run(0)
-        order = torch.randperm(len(data.labels), generator=g)
-        pieces = {}
-        for step, loss in common.train_epoch(model, opt, sched, data, order, g, 8, 32, (0.5,) * 3, (0.5,) * 3, "fp32"):
-            pieces[step] = loss.item()
-            break  # the caller stops between two steps (a signal, a checkpoint) ...
-        pieces.update(epoch_losses(model, opt, sched, data, order, g, start=1))  # ... and goes on later
-        self.assertEqual(pieces, whole)
+        for stop_after in (1, 2):
+            model, opt, sched, data, g = tiny_hybrid_run(0)
+            order = torch.randperm(len(data.labels), generator=g)
+            pieces = {}
+            batches = common.train_batches(data, order, g, 8, 32, (0.5,) * 3, (0.5,) * 3)
+            for step, loss in common.train_epoch(model, opt, sched, batches, "fp32"):
+                pieces[step] = loss.item()
+                if step + 1 == stop_after:
+                    break  # the caller stops between two steps (a signal, a checkpoint) ...
+            pieces.update(epoch_losses(model, opt, sched, data, order, g, start=stop_after))  # ... goes on
+            self.assertEqual(pieces, whole, stop_after)
+
+    def test_batches_are_drawn_only_when_asked_for(self):
+        """train_batches is lazy: the augmentation of batch k + 1 is not drawn from g before the loop
+        asks for it, so a checkpoint taken between two steps saves g where the next step expects it."""
+        data = common.Split(torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8), torch.arange(24) % 10, [])
+        g = torch.Generator().manual_seed(0)
+        batches = common.train_batches(data, torch.arange(24), g, 8, 32, (0.5,) * 3, (0.5,) * 3)
+        state = g.get_state()
+        x, y = next(batches)
+        self.assertEqual((x.shape, x.dtype, y.tolist()), ((8, 3, 32, 32), torch.float32, list(range(8))))
+        after_one = g.get_state()
+        self.assertFalse(torch.equal(after_one, state))  # the first batch's crops and flips
+        self.assertEqual(len(list(batches)), 2)
+        self.assertFalse(torch.equal(g.get_state(), after_one))  # the others' only now
 
     def test_same_seed_same_loss_curve(self):
         def losses(seed):  # two epochs, each with its own data order, as run.train draws them

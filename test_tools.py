@@ -47,7 +47,7 @@ import sources
 import summarize
 from test_core import (ALL_GROUPS_LR, EVERY_STEP, HERE, REAL_DATA, REAL_WEIGHTS, SCRIPTS, fake_row, lora_hybrid,
                        needs_real_data, needs_real_weights, offline_env, parsed, read_bytes, read_rows, run_main,
-                       run_script, tiny_flags, vit)
+                       run_script, tiny_flags, vit, what_trains)
 
 
 # ============================================================================= flags (flags.py)
@@ -276,7 +276,7 @@ class TestSpeedPaths(unittest.TestCase):
             self.assertEqual(self.paths(model), default, precision)
 
     def test_fp32_training_is_the_formula_within_rounding(self):
-        """A few train_steps after use_speed_paths(fp32) == the plain loop body on timm's and lora.py's
+        """A few training steps after use_speed_paths(fp32) == the plain loop body on timm's and lora.py's
         forward, within float32 rounding: the same losses step by step, and the same gradients."""
         x = torch.randn(4, 3, 32, 32)
         y = torch.tensor([0, 1, 2, 3])
@@ -287,7 +287,8 @@ class TestSpeedPaths(unittest.TestCase):
         (opt_a, sched_a), (opt_b, sched_b) = (common.make_optimizer(a, ALL_GROUPS_LR, 0.01, 4),
                                               common.make_optimizer(b, ALL_GROUPS_LR, 0.01, 4))
         for step in range(4):
-            loss_a = common.train_step(a, opt_a, sched_a, x, y, "fp32").item()
+            (_, loss_a), = common.train_epoch(a, opt_a, sched_a, [(x, y)], "fp32")  # one batch: one step
+            loss_a = loss_a.item()
             loss = F.cross_entropy(b(x), y)
             opt_b.zero_grad(set_to_none=True)
             loss.backward()
@@ -1447,7 +1448,7 @@ def tiny_model_run(seed=0, steps=3, epochs=2, precision="fp32"):
     as run.train sets them up."""
     torch.manual_seed(seed)
     model = evaluate.apply_method(common.build_model(common.BACKBONE, 10, 32, pretrained=False), "hybrid",
-                                  lora_dropout=0.1)
+                                  dropout=0.1)
     data = common.Split(torch.randint(0, 256, (8 * steps, 3, 32, 32), dtype=torch.uint8,
                                       generator=torch.Generator().manual_seed(seed)), torch.arange(8 * steps) % 10, [])
     s = flags.Settings(method="hybrid", batch_size=8, img_size=32, precision=precision, lr=1e-3, weight_decay=0.01,
@@ -1499,9 +1500,10 @@ class TestCheckpointFunctions(unittest.TestCase):
             while progress.epoch <= 2:  # run.train's loop: draw the order, step, stop between two steps
                 if progress.order is None:
                     progress.order = torch.randperm(len(data.labels), generator=g)
-                for _, loss in common.train_epoch(model, opt, sched, data, progress.order, g, s.batch_size,
-                                                  s.img_size, (0.5,) * 3, (0.5,) * 3, s.precision,
-                                                  start=len(progress.losses)):
+                start = len(progress.losses)
+                batches = common.train_batches(data, progress.order[start * s.batch_size:], g, s.batch_size,
+                                               s.img_size, (0.5,) * 3, (0.5,) * 3)
+                for _, loss in common.train_epoch(model, opt, sched, batches, s.precision, start):
                     progress.losses.append(loss.item())
                     if len(losses) + len(progress.losses) == stop_after:
                         break
@@ -1726,17 +1728,17 @@ class TestResume(unittest.TestCase):
         a, b = (torch.load(p, weights_only=True)["state"] for p in (adapter, ref_adapter))
         self.assertEqual(set(a), set(b))
         self.assertTrue(all(torch.equal(a[k], b[k]) for k in a))
-        calib, logits = [], []
-        for r in (row, ref_row):
+        calibrations, logits = [], []
+        for r in (row, ref_row):  # the same bins and the same logits; only the names (by time) differ
             path = os.path.join(self.tmp.name, r["calibration_file"])
             with open(path) as f:
-                calib.append(json.load(f))
-            logits.append(os.path.join(os.path.dirname(path), calib[-1]["logits_file"]))
-        # the same bins and the same logits; only the time (and the logits file named after it) differ
-        self.assertEqual(*({k: v for k, v in c.items() if k not in ("ts", "logits_file")} for c in calib))
-        with np.load(logits[0]) as x, np.load(logits[1]) as y:
-            self.assertEqual(set(x.files), set(y.files))
-            self.assertTrue(all(np.array_equal(x[k], y[k]) for k in x.files))
+                calibrations.append(json.load(f))
+            with np.load(os.path.join(os.path.dirname(path), calibrations[-1].pop("logits_file"))) as z:
+                logits.append({k: z[k] for k in z.files})
+            del calibrations[-1]["ts"]
+        self.assertEqual(calibrations[0], calibrations[1])
+        self.assertEqual(set(logits[0]), {"test_logits", "test_labels"})
+        self.assertTrue(all(np.array_equal(logits[0][k], logits[1][k]) for k in logits[0]))
 
     def test_refusals_leave_everything_as_it_was(self):
         common.append_result(self.results, fake_row())
@@ -2059,8 +2061,8 @@ def trained_adapter(tmp, method="hybrid", *argv, seed=3):
     s = flags.parse(method, "", argv)
     torch.manual_seed(s.seed)  # what cpu.setup does
     model = create_model(s, num_classes=10)
-    evaluate.apply_method(model, method, s.lora_r, s.lora_alpha, s.lora_dropout, s.lora_targets,
-                          not s.no_train_head)
+    evaluate.apply_method(model, method, not s.no_train_head, targets=s.lora_targets, r=s.lora_r,
+                          alpha=s.lora_alpha, dropout=s.lora_dropout)
     g = torch.Generator().manual_seed(99)
     with torch.no_grad():
         for p in model.parameters():
@@ -3174,7 +3176,7 @@ class TestNotes(unittest.TestCase):
 # ============================================================================= layering: who imports whom
 
 CORE = {"lora", "normtune", "common", "results_file"}  # the method: readable alone
-MACHINERY = {"flags", "cpu", "sources", "run", "checkpoint", "fast_lora"}  # what protects and speeds up a run
+MACHINERY = {"flags", "cpu", "sources", "run", "checkpoint", "fast_lora", "cli"}  # what protects and speeds up a run
 
 
 def project_imports() -> dict:
@@ -3227,3 +3229,51 @@ class TestLayering(unittest.TestCase):
         for name in sorted(self.graph):
             visit(name)
         self.assertIn("train_lora", done)  # the scripts were looked at too
+
+
+class TestCoreAlone(unittest.TestCase):
+    """A folder holding only the core and the five scripts (what a teacher copies) imports every script and
+    trains with every recipe: the tooling is imported only by main(), where a command-line run needs it."""
+
+    FILES = sorted(f"{name}.py" for name in CORE) + sorted(SCRIPTS.values())
+    CODE = textwrap.dedent("""
+        import importlib, importlib.util, json, os, sys
+        sys.path.insert(0, os.getcwd())  # -I left out the folder itself, and everything else but the packages
+        import torch
+        import common
+        torch.manual_seed(0)
+        images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+        out = {}
+        for method, script in json.loads(sys.argv[1]).items():
+            model = common.build_model(common.BACKBONE, 10, 32, pretrained=False)  # no download
+            importlib.import_module(script[:-3]).recipe(model)
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            opt, sched = common.make_optimizer(model, common.DEFAULT_LRS[method], 0.01, 1)
+            batches = common.train_batches(common.Split(images, torch.arange(4), []), torch.arange(4),
+                                           torch.Generator().manual_seed(0), 4, 32, (0.5,) * 3, (0.5,) * 3)
+            (step, loss), = common.train_epoch(model, opt, sched, batches, "fp32")
+            out[method] = dict(trainable=[n for n, p in model.named_parameters() if p.requires_grad],
+                               changed=[n for n, p in model.named_parameters() if not torch.equal(p, before[n])],
+                               loss=loss.item())
+        tooling = ("cli", "cpu", "flags", "run", "sources", "checkpoint", "fast_lora", "evaluate", "summarize")
+        print(json.dumps(dict(out=out, loaded=sorted(set(tooling) & set(sys.modules)),
+                              findable=[m for m in tooling if importlib.util.find_spec(m)])))
+    """)
+
+    def test_scripts_and_recipes_need_only_the_core(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            for f in self.FILES:
+                shutil.copy(os.path.join(HERE, f), tmp)
+            self.assertEqual(sorted(os.listdir(tmp)), self.FILES)  # exactly these nine files
+            proc = subprocess.run([sys.executable, "-I", "-c", self.CODE, json.dumps(SCRIPTS)], cwd=tmp,
+                                  env=offline_env(), capture_output=True, text=True, timeout=120)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        result = json.loads(proc.stdout)
+        self.assertEqual((result["loaded"], result["findable"]), ([], []))  # no tooling, not even on the path
+        want = what_trains(vit())
+        self.assertEqual(set(result["out"]), set(want))
+        for method, got in result["out"].items():
+            with self.subTest(method=method):
+                self.assertEqual(set(got["trainable"]), want[method])
+                self.assertEqual(set(got["changed"]), want[method])  # one step moved exactly those
+                self.assertTrue(math.isfinite(got["loss"]))

@@ -7,15 +7,12 @@ Linear probe (a baseline): the whole backbone stays frozen; only the new 10-clas
 import sys
 
 try:  # Ctrl-C while torch is still loading (a few seconds): exit 130, no traceback
-    import cpu
-    import flags
-    import run
-    import sources
+    import torch.nn as nn
 except KeyboardInterrupt:
     sys.exit(130)
 
 
-def recipe(model):
+def recipe(model: nn.Module) -> nn.Module:
     """Linear probe: freeze everything but the new head."""
     model.requires_grad_(False)
     model.head.requires_grad_(True)
@@ -23,6 +20,7 @@ def recipe(model):
 
 
 def main():
+    import cpu, flags, run, sources  # the tooling: a run needs it, the recipe does not
     s = flags.parse("linear", __doc__)  # checked, resolved, read-only settings
     cpu.setup(s)                                # threads, torch's seed, the precision that runs
     data = sources.open_data(s)                 # lists and checks both splits; decodes nothing yet
@@ -32,4 +30,5 @@ def main():
 
 
 if __name__ == "__main__":
+    import flags  # after the guarded import above (torch is loaded by now): quick
     flags.main(main)
