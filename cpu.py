@@ -1,8 +1,8 @@
 """The CPU: how many threads, which precision, and the speed paths that compute the same function faster.
 
 Nothing here changes what a model computes, only how: common.py and lora.py are the definitions, and each
-switch below is tested equal to them (test_tools.TestSpeedPaths). use_speed_paths(model, precision, training)
-is the one place that turns them on and off; the run calls it before training and before evaluating.
+switch below is tested equal to them (TestSpeedPaths, tests/test_cpu.py). use_speed_paths(model, precision,
+training) is the one place that turns them on and off; the run calls it before training and before evaluating.
 """
 import os
 import subprocess
@@ -92,7 +92,8 @@ def use_speed_paths(model: nn.Module, precision: str, training: bool):
       merged-weight GEMM forward and a backward without the three thin rank-r GEMMs of the formula
       (LoRAFunction; Hybrid's fp32 step about 1.3x faster, bench.py; the formula under --compile); under bf16 autocast one full-size
       GEMM with W + B·A·scaling, the way measured fastest where bf16 GEMMs are fast (AVX512-BF16/AMX).
-      Both equal the formula up to float rounding (test_tools.TestSpeedPaths, TestFastLoRA*).
+      Both equal the formula up to float rounding (TestSpeedPaths in tests/test_cpu.py, TestFastLoRA* in
+      tests/test_fast_lora.py).
     - attention, bf16 training: the fused F.scaled_dot_product_attention has a slow bf16 backward on
       CPUs, so bf16 training uses timm's explicit softmax(q @ k.T * scale) @ v. In fp32 the two measure
       the same (natively and AVX2-only), and the fused one stays.

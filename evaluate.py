@@ -11,7 +11,7 @@ run's settings; for a full fine-tune (train_full.py) that is the whole model. Th
 Then the adapter's tensors are loaded over it. --merge folds B·A·alpha/r into each frozen weight first
 (lora.merge_lora), so the forward pass is the plain backbone's; the training scripts also evaluate
 merged, so `--merge` reproduces their numbers bit for bit, and the unmerged model agrees up to float
-rounding (see test_tools.TestEvaluateReproducesTrainingRow).
+rounding (see TestEvaluateReproducesTrainingRow in tests/test_evaluate.py).
 """
 import argparse
 import math

@@ -60,214 +60,20 @@ import math
 import os
 import shlex
 import sys
-import textwrap
 
 import numpy as np
 
 import cli
-import results_file
+from grouping import (GROUP_COLUMNS, LR_COLUMNS, METHOD_LABEL, METHOD_ORDER, describe, drop_duplicates,
+                      duplicates_line, experiment_legend, experiments, fmt_setting, group_runs, is_random_init,
+                      mean_std, method_label, num_or_text, read_results)
+from notes_file import read_notes, split_notes, write_notes
+from plots import check_plots_dir, write_plots
 from results_file import RunError, UsageError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RESULTS = os.path.join(HERE, "results_week1.csv")
 DEFAULT_REFERENCE = "lora"
-METHOD_ORDER = ("linear", "normtune", "lora", "hybrid", "full")  # fewest to most tuned parameters
-METHOD_LABEL = {"linear": "linear probe", "normtune": "NormTune", "lora": "LoRA", "hybrid": "Hybrid",
-                "full": "full fine-tune"}
-# Settings that define a group (besides the method); short names for the table.
-GROUP_COLUMNS = {"dataset": "dataset", "backbone": "backbone", "weights": "weights", "img_size": "img",
-                 "train_samples": "train", "val_samples": "val", "eval_samples": "eval", "epochs": "epochs",
-                 "batch_size": "bs", "lr": "lr", "head_lr": "head_lr", "norm_lr": "norm_lr",
-                 "weight_decay": "wd", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-                 "lora_targets": "targets", "train_head": "head", "precision": "precision"}
-LR_COLUMNS = ("lr", "head_lr", "norm_lr")
-METHOD_SPECIFIC = LR_COLUMNS + ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")  # differ by design
-NUMERIC = ("tuned_params_%", "acc@1", "ece", "time_per_epoch_s")  # every row has these
-OPTIONAL_NUMERIC = ("val_acc@1", "val_ece", "temperature", "ece_ts", "compile_time_s")  # blank -> None
-# What a file must have to be summarised: the old layout's share of the above (newer columns may be absent).
-NEEDED = ("method", "seed") + NUMERIC + tuple(c for c in GROUP_COLUMNS if c in results_file.OLD_COLUMNS)
-NOTES_START, NOTES_END = "<!-- results:start -->", "<!-- results:end -->"
-
-
-# ----------------------------------------------------------------------------- reading and grouping
-
-def weights_label(row) -> str:
-    """How the summary names a row's weights: 'random-init' (its seed is the run's seed, not a setting); a
-    file by its name and sha256 (weights_sha256), so a table made on another machine reads the same, and
-    by its path only in rows from before that column; else the weights column itself (timm:<hub tag>)."""
-    value, sha = row["weights"], row.get("weights_sha256", "")
-    if value.startswith("random-init"):
-        return "random-init"
-    if value.startswith("file:") and sha:
-        return f"{os.path.basename(value[len('file:'):])} (sha256 {sha[:8]}…{sha[-6:]})"
-    return value
-
-
-def is_random_init(value: str) -> bool:
-    return value.startswith("random-init")
-
-
-def read_results(path) -> list:
-    """Rows of the results CSV as dicts with the numeric columns parsed; RunError on a bad file."""
-    if os.path.isdir(path):
-        csvs = sorted(f for f in os.listdir(path) if f.endswith(".csv"))
-        raise UsageError(f"{path} is a folder, not a results file; pass the CSV itself"
-                         + (f", e.g. {os.path.join(path, csvs[0])}" if csvs else f" (there is no .csv in {path})")
-                         + ".")
-    if not os.path.isfile(path):
-        raise UsageError(f"{path}: no such results file. Run ./run_week1.sh (or a train_*.py script) first, "
-                         f"or pass the CSV that --results pointed at.")
-    if os.path.getsize(path) == 0:
-        raise RunError(f"{path} is empty (0 bytes): not even the header line a results file starts with, so "
-                       f"there are no runs to summarise. A train_*.py run with --results {path} fills it (an "
-                       f"empty file is appended to as a new one); or pass the CSV your runs wrote to.")
-    rows = results_file.read_rows(path, needed=NEEDED)
-    for row in rows:
-        parse_numbers(row, path)
-    return rows
-
-
-def parse_numbers(row, path):
-    """Numeric columns to float in place; a blank optional one becomes None."""
-    for c in NUMERIC + OPTIONAL_NUMERIC:
-        text = row[c].strip()
-        if c in OPTIONAL_NUMERIC and not text:
-            row[c] = None
-            continue
-        try:
-            row[c] = float(text)
-        except ValueError:
-            raise RunError(f"{path} line {row['_line']}: {c}={text!r} is not a number. Fix or delete that line "
-                           f"(the other rows are fine).")
-
-
-def group_key(row) -> tuple:
-    return (row["method"],) + tuple(weights_label(row) if c == "weights" else row[c] for c in GROUP_COLUMNS)
-
-
-def shared_key(row) -> tuple:
-    """An "experiment": the settings without the per-method ones (learning rates, LoRA flags)."""
-    return tuple(weights_label(row) if c == "weights" else row[c]
-                 for c in GROUP_COLUMNS if c not in METHOD_SPECIFIC)
-
-
-def drop_duplicates(rows) -> tuple:
-    """One row per (method, settings, seed): the last one in the file, i.e. the newest.
-    -> (kept rows in file order, [(dropped row, the row kept instead), ...])."""
-    last = {}
-    for row in rows:
-        last[group_key(row) + (row["seed"],)] = row
-    kept, dropped = [], []
-    for row in rows:
-        newest = last[group_key(row) + (row["seed"],)]
-        if newest is row:
-            kept.append(row)
-        else:
-            dropped.append((row, newest))
-    return kept, dropped
-
-
-def duplicates_line(dropped) -> str:
-    """One line naming each repeated run, the lines dropped and the line kept; "" without duplicates."""
-    if not dropped:
-        return ""
-    by_kept = {}  # the kept row's line -> (kept row, [lines dropped in its favour])
-    for row, newest in dropped:
-        by_kept.setdefault(newest["_line"], (newest, []))[1].append(row["_line"])
-    parts = [f"{METHOD_LABEL.get(r['method'], r['method'])} lr={r['lr']} seed {r['seed']}: kept line {r['_line']}, "
-             f"dropped line(s) {', '.join(map(str, lines))}" for r, lines in by_kept.values()]
-    return (f"duplicates: {len(dropped)} row(s) repeat the method, settings and seed of a later row and are not "
-            f"counted (the last, newest row of each is kept): " + "; ".join(parts))
-
-
-def mean_std(values):
-    """-> (mean, sample std with ddof=1, or None for a single value)."""
-    a = np.asarray(values, dtype=np.float64)
-    return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else None)
-
-
-def optional_stats(members, column):
-    """(mean, std) over the runs that have the column, and how many do; (None, 0) if none."""
-    values = [r[column] for r in members if r[column] is not None]
-    return (mean_std(values) if values else None), len(values)
-
-
-def summarize(rows) -> list:
-    """One dict per (method, settings) group, in a stable order: experiments by first appearance in the
-    file, and within one experiment linear probe, NormTune, LoRA, Hybrid, full fine-tune."""
-    groups = {}
-    for row in rows:
-        groups.setdefault(group_key(row), []).append(row)
-    shared_first = {}
-    for row in rows:
-        shared_first.setdefault(shared_key(row), len(shared_first))
-    out = []
-    for key, members in groups.items():
-        first = members[0]
-        val_acc, val_n = optional_stats(members, "val_acc@1")
-        ece_ts, ts_n = optional_stats(members, "ece_ts")
-        out.append(dict(method=first["method"], settings={c: key[i + 1] for i, c in enumerate(GROUP_COLUMNS)},
-                        runs=len(members), seeds=sorted({r["seed"] for r in members}, key=_num_or_text),
-                        tuned_pct=float(np.mean([r["tuned_params_%"] for r in members])),
-                        acc=mean_std([r["acc@1"] for r in members]), ece=mean_std([r["ece"] for r in members]),
-                        val_acc=val_acc, val_n=val_n, val_ece=optional_stats(members, "val_ece")[0],
-                        ece_ts=ece_ts, ts_n=ts_n, epoch_s=float(np.mean([r["time_per_epoch_s"] for r in members])),
-                        rows=members, random_init=is_random_init(first["weights"]),
-                        order=(shared_first[shared_key(first)], _method_rank(first["method"]))))
-    return sorted(out, key=lambda g: g["order"])
-
-
-def _method_rank(method):
-    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-
-
-def _num_or_text(s):
-    try:
-        return (0, float(s), "")
-    except ValueError:
-        return (1, 0.0, s)
-
-
-def experiments(groups) -> list:
-    """[[groups of experiment 1], [groups of experiment 2], ...] in the table's order."""
-    out = {}
-    for g in groups:
-        out.setdefault(g["order"][0], []).append(g)
-    return list(out.values())
-
-
-# ----------------------------------------------------------------------------- names
-
-def fmt_setting(column, value) -> str:
-    return f"{GROUP_COLUMNS[column]}={value}"
-
-
-def method_label(g) -> str:
-    return METHOD_LABEL.get(g["method"], g["method"]) + (" (random-init)" if g["random_init"] else "")
-
-
-def describe(g, groups, exclude=(), with_setting=True) -> str:
-    """Method label + the per-method settings that tell this group from the other groups of the same method
-    and experiment (e.g. 'LoRA lr=0.003'); + '(setting k)' when the file holds several experiments."""
-    same = [h for h in groups if h["order"][0] == g["order"][0] and h["method"] == g["method"]]
-    cols = [c for c in METHOD_SPECIFIC if c not in exclude and len({h["settings"][c] for h in same}) > 1]
-    text = method_label(g) + "".join(" " + fmt_setting(c, g["settings"][c]) for c in cols)
-    n_experiments = len({h["order"][0] for h in groups})
-    return text + (f" (setting {experiment_number(g, groups)})" if with_setting and n_experiments > 1 else "")
-
-
-def experiment_number(g, groups) -> int:
-    return sorted({h["order"][0] for h in groups}).index(g["order"][0]) + 1
-
-
-def experiment_legend(groups) -> list:
-    """'setting k: img=112, ...' per experiment (the shared settings that differ); [] for one experiment."""
-    exps = experiments(groups)
-    if len(exps) < 2:
-        return []
-    varying = [c for c in GROUP_COLUMNS if c not in METHOD_SPECIFIC and len({g["settings"][c] for g in groups}) > 1]
-    return [f"setting {k + 1}: " + ", ".join(fmt_setting(c, exp[0]["settings"][c]) for c in varying)
-            for k, exp in enumerate(exps)]
 
 
 # ----------------------------------------------------------------------------- the table
@@ -429,7 +235,7 @@ def paired_differences(rows, reference_rows, column) -> np.ndarray:
     """method - reference per seed that both groups ran (and both have the number), in seed order."""
     mine = {r["seed"]: r[column] for r in rows}
     ref = {r["seed"]: r[column] for r in reference_rows}
-    seeds = sorted(set(mine) & set(ref), key=_num_or_text)
+    seeds = sorted(set(mine) & set(ref), key=num_or_text)
     return np.array([mine[s] - ref[s] for s in seeds if mine[s] is not None and ref[s] is not None])
 
 
@@ -558,40 +364,7 @@ def report(groups, reference) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-# ----------------------------------------------------------------------------- --write-notes
-
-def split_notes(text, path) -> tuple:
-    """(everything up to and including the start marker, everything from the end marker on).
-    RunError unless each marker is there exactly once, start before end."""
-    n_start, n_end = text.count(NOTES_START), text.count(NOTES_END)
-    if (n_start, n_end) != (1, 1):
-        raise RunError(f"--write-notes {path}: needs the line {NOTES_START} and later the line {NOTES_END}, once "
-                       f"each; found {n_start} and {n_end}. Add or remove markers so that exactly one pair surrounds "
-                       f"the results block, then run this again. The file was left untouched.")
-    start, end = text.index(NOTES_START), text.index(NOTES_END)
-    if end < start:
-        raise RunError(f"--write-notes {path}: {NOTES_END} comes before {NOTES_START}; swap them so the start "
-                       f"marker is first, then run this again. The file was left untouched.")
-    return text[:start + len(NOTES_START)], text[end:]
-
-
-def replace_block(text, block, path) -> str:
-    """text with only the part between the markers replaced by block (in the file's own line ends)."""
-    before, after = split_notes(text, path)
-    newline = "\r\n" if "\r\n" in text else "\n"
-    return before + newline + block.replace("\n", newline) + newline + after
-
-
-def read_notes(path) -> str:
-    if not os.path.isfile(path):
-        raise UsageError(f"--write-notes {path}: no such file. Give the notes file that holds the lines "
-                         f"{NOTES_START} and {NOTES_END} (e.g. notes.md).")
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RunError(f"--write-notes {path} could not be read as UTF-8 text ({e}); it was left untouched.")
-
+# ----------------------------------------------------------------------------- --write-notes: what goes in the block
 
 def notes_block(groups, dropped, results_path, notes_path, reference_flag, logits_line="") -> str:
     """The block for notes.md: where it came from, the command that made it, then report(); byte-stable
@@ -617,299 +390,6 @@ def _relative_to(path, notes_path) -> str:
         return os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.abspath(notes_path)))
     except ValueError:  # Windows: another drive
         return os.path.abspath(path)
-
-
-def write_notes(notes_path, text, block) -> bool:
-    """Put block between the markers; False (and no write) when it is already there."""
-    new = replace_block(text, block, notes_path)
-    if new == text:
-        return False
-    try:
-        cli.write_atomic(notes_path, lambda f: f.write(new.encode("utf-8")))
-    except OSError as e:
-        raise RunError(f"--write-notes {notes_path} could not be written ({type(e).__name__}: {e}); it was left "
-                       f"untouched. Check the folder's permissions and free space.")
-    return True
-
-
-# ----------------------------------------------------------------------------- plots (optional matplotlib)
-
-MATPLOTLIB_HELP = ("--plots needs matplotlib, which this project does not install (it is optional and only "
-                   "used here). Install it into the same environment with `python -m pip install matplotlib` "
-                   "(any recent version works with numpy 1.26 and 2.x), then run this command again.")
-
-
-def check_plots_dir(path):
-    """--plots must be a folder that exists or can be created, and be writable: say so before any work."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"--plots {path} is a file; give a folder for the PNGs, e.g. --plots plots/.")
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UsageError(f"--plots {path}: {existing} is a file, so no folder can be made there; pick another path.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--plots {path}: the folder {existing} is not writable; pick another folder.")
-
-
-def import_pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise RunError(MATPLOTLIB_HELP)
-    matplotlib.use("Agg")  # writes PNGs; needs no display
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def write_plots(groups, results_path, out_dir) -> list:
-    plt = import_pyplot()
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        written = [plot_acc_vs_params(plt, groups, os.path.join(out_dir, "acc_vs_params.png"))]
-    except OSError as e:
-        raise RunError(f"--plots {out_dir}: could not write there ({type(e).__name__}: {e}); pick another folder.")
-    skipped = []
-    for g in groups:
-        for row in g["rows"]:
-            name = row.get("calibration_file") or ""
-            path = os.path.join(os.path.dirname(os.path.abspath(results_path)), name) if name else ""
-            if not name or not os.path.isfile(path):
-                skipped.append(f"line {row['_line']} ({row['method']} {row['ts']})")
-                continue
-            try:
-                with open(path, encoding="utf-8") as f:
-                    calib = json.load(f)
-                stem = os.path.splitext(os.path.basename(name))[0]
-                written.append(plot_reliability(plt, calib, row, os.path.join(out_dir, f"reliability_{stem}.png")))
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                skipped.append(f"line {row['_line']} ({path}: {type(e).__name__}: {e})")
-    if skipped:
-        print(f"no reliability diagram for {len(skipped)} run(s) without a readable per-bin file: "
-              + "; ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
-    return written
-
-
-# One colour and one marker per method, the same in every plot (Okabe-Ito colours, which stay apart for
-# colour-blind readers and in greyscale). LoRA and the Hybrid sit at nearly the same x: blue against orange.
-METHOD_STYLE = {"linear": ("v", "#56B4E9"), "normtune": ("s", "#009E73"), "lora": ("o", "#0072B2"),
-                "hybrid": ("^", "#D55E00"), "full": ("*", "#CC79A7")}
-OTHER_STYLE = ("D", "#000000")  # a method this version does not know
-PLOT_DPI = 110
-
-
-def decade_ticks(lo: float, hi: float) -> list:
-    """Tick positions for a log axis from lo to hi: the powers of ten inside (labelled 0.01 %, 0.1 %, ...),
-    so the labels never run together; with fewer than two inside, the 1-2-5 steps."""
-    decades = [10.0 ** k for k in range(-4, 4) if lo <= 10.0 ** k <= hi]
-    if len(decades) >= 2:
-        return decades
-    return [m * 10.0 ** k for k in range(-4, 4) for m in (1, 2, 5) if lo <= m * 10.0 ** k <= hi]
-
-
-def spread_labels(points, sizes, obstacles, bounds, gap=2.0) -> list:
-    """Where each point's label goes, in pixels, so that no label covers another label, a marker or an error
-    bar (obstacles: boxes (x0, y0, w, h)). Tried in this order of preference: right of the point, left of it,
-    above it, below it (those two slid sideways to stay inside); each moved up or down past whatever is in
-    the way; the shortest move that stays inside bounds (left, bottom, right, top) wins. points: [(x, y)] (y up); sizes: [(w, h)] of each label.
-    -> [(x0, y0, side, moved)]: the box's lower-left corner, 'right', 'left', 'above' or 'below', and
-    whether it had to move from its first place (then a line should lead to its point)."""
-    left, bottom, right, top = bounds
-    taken = list(obstacles)
-
-    def free_y(x0, w, h, y0, step):  # move in `step`'s direction past every box in the way
-        moved = True
-        while moved:
-            moved = False
-            for bx, by, bw, bh in taken:
-                if x0 < bx + bw + gap and bx < x0 + w + gap and y0 < by + bh + gap and by < y0 + h + gap:
-                    y0, moved = (by + bh + gap) if step > 0 else (by - h - gap), True
-        return y0
-
-    out = [None] * len(points)
-    for i in sorted(range(len(points)), key=lambda i: (points[i][1], points[i][0])):
-        (x, y), (w, h) = points[i], sizes[i]
-        options = []
-        centred = min(max(x - w / 2, left), right - w)  # above or below, slid sideways to stay inside
-        places = (("right", x + 10, y - h / 2), ("left", x - 10 - w, y - h / 2),
-                  ("above", centred, y + 10), ("below", centred, y - 10 - h))
-        for penalty, (side, x0, start) in enumerate(places):
-            for step in (1, -1):
-                y0 = free_y(x0, w, h, start, step)
-                inside = left <= x0 and x0 + w <= right and bottom <= y0 and y0 + h <= top
-                options.append((not inside, abs(y0 - start) + 3 * penalty, x0, y0, side, abs(y0 - start) > h / 2))
-        *_, x0, y0, side, moved = min(options)
-        taken.append((x0, y0, w, h))
-        out[i] = (x0, y0, side, moved)
-    return out
-
-
-def usual_runs(groups) -> int:
-    """The most common number of seeds per group (the plot says so once, and names the exceptions)."""
-    counts = [g["runs"] for g in groups]
-    return max(sorted(set(counts)), key=counts.count)
-
-
-def setting_caption(settings: dict, columns) -> str:
-    """'img=224, train=5000, ...' for these group columns (the blank ones of old files left out)."""
-    return ", ".join(fmt_setting(c, settings[c]) for c in columns if settings.get(c) not in ("", None))
-
-
-def acc_vs_params_figure(plt, groups):
-    """Accuracy (mean ± std over seeds) against tuned parameters %, log x: one panel per setting (panels share
-    both axes, so they compare), one colour and marker per method, each point labelled with its method and
-    mean, the labels kept apart. -> the matplotlib figure."""
-    exps = experiments(groups)
-    ncols = 1 if len(exps) == 1 else 2
-    nrows = math.ceil(len(exps) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.6 * ncols, 3.9 * nrows + 0.9), dpi=PLOT_DPI,
-                             sharex=True, sharey=True, squeeze=False)
-    xs = [g["tuned_pct"] for g in groups]
-    lows = [g["acc"][0] - (g["acc"][1] or 0) for g in groups]
-    highs = [g["acc"][0] + (g["acc"][1] or 0) for g in groups]
-    lo, hi = min(xs) / 2.5, max(xs) * 2.5
-    pad = max(1.0, 0.08 * (max(highs) - min(lows)))
-    varying = [c for c in GROUP_COLUMNS
-               if c not in METHOD_SPECIFIC and len({g["settings"][c] for g in groups}) > 1]  # per panel
-    shared = [c for c in GROUP_COLUMNS if c not in METHOD_SPECIFIC and c not in varying]  # in the caption
-    fig.subplots_adjust(left=0.08 if ncols == 2 else 0.12, right=0.97, top=1 - 0.75 / fig.get_figheight(),
-                        bottom=1.25 / fig.get_figheight(), hspace=0.3, wspace=0.08)
-    for k, ax in enumerate(axes.flat):
-        if k >= len(exps):
-            ax.set_visible(False)
-            continue
-        ax.set_xscale("log")
-        ax.set_xlim(lo, hi)
-        ax.set_ylim(min(lows) - pad, max(highs) + pad)
-        ticks = decade_ticks(lo, hi)
-        ax.set_xticks(ticks)
-        ax.set_xticklabels([f"{t:g} %" for t in ticks])
-        ax.xaxis.set_minor_formatter(plt.NullFormatter())
-        ax.grid(True, which="major", alpha=0.35)
-        ax.grid(True, which="minor", axis="x", alpha=0.12)
-        if len(exps) > 1:
-            ax.set_title(f"setting {k + 1}: " + setting_caption(exps[k][0]["settings"], varying), fontsize=9)
-        plot_groups(ax, exps[k])
-        if k % ncols == 0:
-            ax.set_ylabel("top-1 accuracy (%)")
-        if k >= len(exps) - ncols:
-            ax.set_xlabel("tuned parameters (% of the adapted model, log scale)")
-            ax.xaxis.set_tick_params(labelbottom=True)
-    label_points(fig, [ax for ax in axes.flat if ax.get_visible()], exps, groups)
-    methods = [m for m in METHOD_ORDER if any(g["method"] == m for g in groups)]
-    methods += sorted({g["method"] for g in groups} - set(methods))
-    handles = [plt.Line2D([], [], linestyle="none", marker=METHOD_STYLE.get(m, OTHER_STYLE)[0], markersize=8,
-                          color=METHOD_STYLE.get(m, OTHER_STYLE)[1], markerfacecolor="none", markeredgewidth=1.6)
-               for m in methods]
-    fig.legend(handles, [METHOD_LABEL.get(m, m) for m in methods], loc="upper center", ncol=len(methods),
-               fontsize=9, frameon=False, bbox_to_anchor=(0.5, 1 - 0.3 / fig.get_figheight()))
-    title = "Accuracy vs tuned parameters: mean ± std over seeds"
-    if any(g["random_init"] for g in groups):
-        title += " (includes random-init smoke tests: NOT results)"
-    fig.suptitle(title, fontsize=11, y=0.995, color="firebrick" if "NOT" in title else "black")
-    usual = usual_runs(groups)
-    caption = (("Every panel: " if len(exps) > 1 else "Setting: ") + setting_caption(groups[0]["settings"], shared)
-               + f". {usual} seed{'' if usual == 1 else 's'} per point unless its label says otherwise.")
-    fig.text(0.01, 0.01, textwrap.fill(caption, width=int(16 * fig.get_figwidth())), fontsize=7.5, va="bottom")
-    return fig
-
-
-def plot_groups(ax, exp):
-    """The points of one setting: each group's mean acc@1 with its std over seeds as an error bar."""
-    for g in exp:
-        marker, color = METHOD_STYLE.get(g["method"], OTHER_STYLE)
-        m, s = g["acc"]
-        ax.errorbar(g["tuned_pct"], m, yerr=0 if s is None else s, marker=marker, markersize=8, capsize=3,
-                    linestyle="none", color=color, markerfacecolor="none", markeredgewidth=1.6, zorder=3)
-
-
-def label_points(fig, axes, exps, groups):
-    """'Hybrid 84.7' beside each point in its method's colour, with the number of seeds where it is not the
-    usual one; spread_labels keeps labels off each other and off the markers and error bars, and a thin line
-    leads to a point whose label had to move."""
-    renderer = fig.canvas.get_renderer()
-    usual = usual_runs(groups)
-    for ax, exp in zip(axes, exps):
-        texts = [f"{describe(g, groups, with_setting=False)} {g['acc'][0]:.1f}"
-                 + ("" if g["runs"] == usual else f" ({g['runs']} seed{'' if g['runs'] == 1 else 's'})")
-                 for g in exp]
-        colors = [METHOD_STYLE.get(g["method"], OTHER_STYLE)[1] for g in exp]
-        points = [tuple(ax.transData.transform((g["tuned_pct"], g["acc"][0]))) for g in exp]
-        obstacles = []  # each marker (8 pt: 12 px at PLOT_DPI, boxed with a margin) and error bar
-        for g, (x, y) in zip(exp, points):
-            m, s = g["acc"]
-            y_lo, y_hi = (ax.transData.transform((g["tuned_pct"], m + d))[1] for d in (-(s or 0), s or 0))
-            obstacles += [(x - 7, y - 7, 14, 14), (x - 4, y_lo, 8, y_hi - y_lo)]
-        sizes = []
-        for text in texts:
-            probe = ax.text(0, 0, text, fontsize=8)
-            box = probe.get_window_extent(renderer)
-            sizes.append((box.width, box.height))
-            probe.remove()
-        frame = ax.get_window_extent(renderer)
-        bounds = (frame.x0 + 2, frame.y0 + 2, frame.x1 - 2, frame.y1 - 2)
-        spots = spread_labels(points, sizes, obstacles, bounds)
-        for (x, y), (x0, y0, side, moved), (w, h), text, color in zip(points, spots, sizes, texts, colors):
-            ha = {"right": "left", "left": "right"}.get(side, "center")
-            anchor = ({"left": x0, "right": x0 + w}.get(ha, x0 + w / 2), y0 + h / 2)
-            leader = dict(arrowstyle="-", lw=0.6, color=color, shrinkA=1, shrinkB=6) if moved else None
-            ax.annotate(text, xy=ax.transData.inverted().transform((x, y)), fontsize=8, color=color,
-                        xytext=(anchor[0] - x, anchor[1] - y), textcoords="offset pixels", ha=ha, va="center",
-                        arrowprops=leader)
-
-
-def plot_acc_vs_params(plt, groups, path) -> str:
-    fig = acc_vs_params_figure(plt, groups)
-    fig.savefig(path, dpi=PLOT_DPI)
-    plt.close(fig)
-    return path
-
-
-def reliability_title(calib, row) -> str:
-    """What a reliability diagram is of: method, seed, when; backbone, image size, how many images trained
-    and tested, epochs, precision; ECE and bins."""
-    count = int(np.asarray(calib["count"]).sum())
-    train, epochs = str(row.get("train_samples", "")), str(row.get("epochs", ""))
-    images = f"{int(train):,} training / {count:,} test images" if train.isdigit() else f"{count:,} test images"
-    what = ", ".join(x for x in (row.get("backbone", ""), f"{row['img_size']} px" if row.get("img_size") else "",
-                                 images, f"{epochs} epoch{'' if epochs == '1' else 's'}" if epochs else "",
-                                 row.get("precision", "")) if x)
-    title = (f"Reliability: {METHOD_LABEL.get(row['method'], row['method'])}, seed {row['seed']} ({row['ts']})\n"
-             f"{what}\nECE {float(calib['ece']):.2f} % over {len(calib['count'])} equal-width confidence bins")
-    if is_random_init(row.get("weights", "")):
-        title += " - random-init: NOT a result"
-    return title
-
-
-def plot_reliability(plt, calib, row, path) -> str:
-    """Accuracy per confidence bin as bars; the gap to the diagonal (|acc - conf| per bin) shaded."""
-    edges = np.asarray(calib["bin_edges"], dtype=np.float64)
-    conf, acc = np.asarray(calib["confidence"]), np.asarray(calib["accuracy"])
-    count = np.asarray(calib["count"])
-    if not (len(edges) == len(conf) + 1 == len(acc) + 1 == len(count) + 1):
-        raise ValueError("bin_edges/confidence/accuracy/count lengths do not agree")
-    width, left = np.diff(edges), edges[:-1]
-    full = count > 0
-    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5.4, 6.4), sharex=True, gridspec_kw=dict(height_ratios=(3, 1)))
-    ax.bar(left[full], acc[full], width=width[full], align="edge", color="tab:blue", edgecolor="black",
-           linewidth=0.6, label="accuracy in bin")
-    lo, hi = np.minimum(acc, conf)[full], np.maximum(acc, conf)[full]
-    ax.bar(left[full], hi - lo, bottom=lo, width=width[full], align="edge", color="tab:red", alpha=0.3,
-           edgecolor="tab:red", hatch="//", linewidth=0.6, label="gap |accuracy - mean confidence| (ECE term)")
-    ax.plot(conf[full], acc[full], "o", color="black", markersize=3, label="(mean confidence, accuracy)")
-    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.set_title(reliability_title(calib, row), fontsize=8.5)
-    ax.legend(fontsize=7, loc="upper left")
-    axc.bar(left, count, width=width, align="edge", color="gray", edgecolor="black", linewidth=0.5)
-    axc.set_xlabel("confidence (max softmax probability)")
-    axc.set_ylabel("test images")
-    fig.tight_layout()
-    fig.savefig(path, dpi=PLOT_DPI)
-    plt.close(fig)
-    return path
 
 
 # ----------------------------------------------------------------------------- parameter table
@@ -1051,7 +531,7 @@ def print_summary(path, rows, dropped, reference):
         print(f"{path} has no runs yet (only the header). Fill it with ./run_week1.sh --seeds 0 1 2, "
               f"or one train_*.py script, then run this again.")
         return
-    groups = summarize(rows)
+    groups = group_runs(rows)
     print(f"{path}: {len(rows)} run(s) in {len(groups)} group(s)\n")
     if dropped:
         print(duplicates_line(dropped) + "\n")
@@ -1065,7 +545,7 @@ def results_block(rows, dropped, results_path, notes_path, reference_flag=None) 
     """What --write-notes puts between the markers: the summary of the pretrained rows only."""
     pretrained = [r for r in rows if not is_random_init(r["weights"])]
     dropped = [(r, kept) for r, kept in dropped if not is_random_init(r["weights"])]
-    return notes_block(summarize(pretrained), dropped, results_path, notes_path, reference_flag,
+    return notes_block(group_runs(pretrained), dropped, results_path, notes_path, reference_flag,
                        check_logits(pretrained, results_path))
 
 
@@ -1091,7 +571,7 @@ def main(argv=None) -> int:
     if notes_text is not None:
         update_notes(args, notes_text, rows, dropped)
     if args.plots and rows:
-        written = write_plots(summarize(rows), args.results, args.plots)
+        written = write_plots(group_runs(rows), args.results, args.plots)
         print(f"\nplots: wrote {len(written)} PNG(s) to {os.path.abspath(args.plots)}: "
               + ", ".join(os.path.basename(p) for p in written[:4]) + (" ..." if len(written) > 4 else ""))
     return 0

@@ -2,9 +2,9 @@
 
 The whole suite, offline, in under five minutes on two busy cores: this file's tests of the method (LoRA,
 NormTune, the recipes, parameter counts, ECE, temperature scaling, learning-rate groups, data, the training
-loop, merged evaluation), which read as its documentation, then every test of test_tools.py (flags, CPU
-speed paths, data and weights sources, whole runs, checkpoints, the results CSV, evaluate.py, summarize.py,
-run_week1.sh, bench.py, notes.md, the layering of the modules), added by load_tests at the end.
+loop, merged evaluation), which read as its documentation, then the machinery's tests, one file per module in
+tests/ (tests/test_flags.py for flags.py, ...; each also runs alone: python -m unittest tests.test_flags), added by
+load_tests at the end.
 
 Tests that read real CIFAR-10 images use ../shared/data/cifar10-jpeg (or $CIFAR10_JPEG_DIR), and those
 that need real weights ../shared/weights/deit_tiny_patch16_224.in1k_lnq.safetensors (or
@@ -757,11 +757,14 @@ class TestMergedEvaluation(unittest.TestCase):
             np.testing.assert_allclose(merged.sum(axis=1), 1.0, atol=1e-5)
 
 
-# ============================================================================= the machinery: test_tools.py
+# ============================================================================= the machinery: tests/
 
 def load_tests(loader, tests, pattern):
-    """`python -m unittest test_core` runs test_tools.py's tests too (flags, cpu, sources, run, checkpoint,
-    the results CSV, evaluate, summarize, run_week1.sh, bench, notes, layering), after this file's."""
-    if pattern is None:  # (unittest discover finds test_tools.py itself: its tests are not added twice)
-        tests.addTests(loader.loadTestsFromName("test_tools"))
+    """`python -m unittest test_core` runs the machinery's tests too, after this file's: tests/test_<module>.py,
+    one file per module (flags, cpu, fast_lora, sources, run, checkpoint, results_file, evaluate, summarize,
+    plots, notes_file, run_week1.sh, bench, the docs, layering), in the order of their names."""
+    if pattern is None:  # (unittest discover finds tests/ itself: its tests are not added twice)
+        names = sorted(f[:-3] for f in os.listdir(os.path.join(HERE, "tests")) if f.startswith("test_")
+                       and f.endswith(".py"))
+        tests.addTests(loader.loadTestsFromNames(["tests." + name for name in names]))
     return tests

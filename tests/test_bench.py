@@ -1,0 +1,67 @@
+"""python -m unittest tests.test_bench  ->  a dot per test, then "OK".
+
+bench.py: runs, and says which paths it measured.
+"""
+import os
+import re
+import subprocess
+import sys
+import unittest
+
+import torch
+
+import common
+import cpu
+import evaluate
+from test_core import HERE, offline_env, vit
+
+
+# ============================================================================= bench.py
+
+class TestBench(unittest.TestCase):
+    """bench.py is a benchmark; here it only has to run and print every row (no timings checked)."""
+
+    def test_tiny_run_prints_every_row(self):
+        # on one CPU (it then uses one thread: physical cores of this process's affinity), where a busy machine
+        # slows it least; the numbers are not checked
+        one_cpu = min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        out = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--img-size", "32", "--batch-size", "2",
+                              "--steps", "1"], cwd=HERE, env=offline_env(), capture_output=True, text=True,
+                             timeout=170, preexec_fn=(lambda: os.sched_setaffinity(0, {one_cpu})) if one_cpu is not None
+                             else None)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        precisions = ("fp32", "bf16") if cpu.cpu_has_native_bf16() else ("fp32",)
+        lines = out.stdout.splitlines()
+        self.assertTrue(any(ln.startswith("plain naive-LoRA loop (reference)  fp32") for ln in lines), out.stdout)
+        for name in ("plain backbone", "linear probe", "LoRA", "NormTune", "Hybrid", "full fine-tune", "LoRA unmerged"):
+            for precision in precisions:
+                self.assertTrue(any(re.match(rf"{re.escape(name)} +{precision} ", ln) for ln in lines),
+                                f"no {name} {precision} row in:\n{out.stdout}")
+        if "bf16" not in precisions:
+            self.assertFalse(any(re.search(r"\bbf16\b +\d", ln) for ln in lines))
+        for text in ("torch " + torch.__version__, "train img/s", "eval img/s", "% peak", "50k epoch",
+                     "merged vs unmerged", "peak matmul", "GFLOP/image at 32 px", "data preparation",
+                     "do not predict real training"):  # 32 px, one step: a smoke test, and it says so
+            self.assertIn(text, out.stdout)
+
+    def test_tiny_settings_warn_that_ratios_mean_nothing(self):
+        import bench
+        for img_size, steps in ((32, 1), (64, 10), (224, 2)):
+            self.assertIn("do not predict real training", bench.too_small_to_mean_anything(img_size, steps))
+        self.assertEqual(bench.too_small_to_mean_anything(224, 10), "")
+        self.assertEqual(bench.too_small_to_mean_anything(112, 10), "")
+
+    def test_flops_and_models_are_the_suites(self):
+        import bench
+        self.assertAlmostEqual(bench.forward_gflop(224), 2.5, delta=0.05)  # the issue's figure
+        self.assertLess(bench.forward_gflop(112), bench.forward_gflop(224) / 4)
+        for method, name in (("LoRA", "lora"), ("NormTune", "normtune"), ("Hybrid", "hybrid")):
+            self.assertEqual(common.param_breakdown(bench.suite_model(method, 32)),
+                             common.param_breakdown(evaluate.apply_method(vit(), name)), method)
+        self.assertEqual(common.param_breakdown(bench.suite_model("linear probe", 32))["trainable"], 1930)
+        full = common.param_breakdown(bench.suite_model("full fine-tune", 32))
+        self.assertEqual(full["trainable"], full["total"])
+
+
+if __name__ == "__main__":
+    unittest.main()
