@@ -2,7 +2,9 @@
 training and evaluation images/s of the linear probe, NormTune, LoRA, Hybrid and a full fine-tune, in fp32
 and (where this CPU has native bf16) bf16, each against the plain naive-LoRA loop measured in the same run
 and against NormTune's step; % of this machine's peak matmul FLOP/s; the projected time of one
-50,000-image CIFAR-10 epoch; then merged vs unmerged LoRA evaluation and the data-preparation share.
+50,000-image CIFAR-10 epoch; then merged vs unmerged LoRA evaluation, in bf16 the Hybrid step on the
+bf16 LoRA path this CPU does not take (cpu.bf16_lora_path) against the one it takes, and the
+data-preparation share.
 
 `--isa avx2` measures what an Intel i7 / Intel Mac does (AVX2 + FMA, no AVX-512, no bf16) on any x86
 machine: bench.py restarts itself with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2, which limit
@@ -55,6 +57,7 @@ WARMUP = 2                     # untimed steps per setup (oneDNN builds its kern
 EPOCH_IMAGES = 50_000          # CIFAR-10 training split
 METHODS = ("linear probe", "NormTune", "LoRA", "Hybrid", "full fine-tune")
 METHOD_KEY = dict(zip(METHODS, common.METHODS))  # -> linear, normtune, lora, hybrid, full
+OTHER_BF16_PATH = {"merged": "function", "function": "merged"}  # fast_lora.FastLoRALinear.bf16_path
 
 
 # ----------------------------------------------------------------------------- the reference: the plain way
@@ -128,11 +131,14 @@ def suite_model(method, img_size):
     return evaluate.apply_method(model, METHOD_KEY[method])  # lora.py's default r, alpha, targets
 
 
-def suite_train_step(method, precision, batch, args):
+def suite_train_step(method, precision, batch, args, bf16_path=None):
+    """One training step as run.train takes it; bf16_path: the other bf16 LoRA path than this CPU's."""
     model = suite_model(method, args.img_size)
     opt, sched = common.make_optimizer(model, common.DEFAULT_LRS[METHOD_KEY[method]], 0.01, WARMUP + args.steps)
     model.train()
     cpu.use_speed_paths(model, precision, training=True)   # as run.train does
+    for m in lora.lora_layers(model) if bf16_path else ():
+        m.bf16_path = bf16_path
 
     def step():
         for _ in common.train_epoch(model, opt, sched, [batch()], precision):  # one batch, one step
@@ -277,6 +283,9 @@ def main():
             steps[(method, prec, "eval")] = suite_eval_step(method, prec, images, args)
     for prec in precisions:
         steps[("LoRA unmerged", prec, "eval")] = suite_eval_step("LoRA", prec, images, args, merge=False)
+    if native:  # both bf16 LoRA paths, so that the choice per CPU kind (cpu.bf16_lora_path) can be checked
+        other = OTHER_BF16_PATH[cpu.bf16_lora_path()]
+        steps[(f"Hybrid, {other} path", "bf16", "train")] = suite_train_step("Hybrid", "bf16", batch, args, other)
     peak = {"fp32": peak_matmul_gflops(torch.float32)}
     if native:
         peak["bf16"] = peak_matmul_gflops(torch.bfloat16)
@@ -290,6 +299,13 @@ def main():
     merged_vs = ", ".join(f"{prec} {ips[('LoRA', prec, 'eval')] / ips[('LoRA unmerged', prec, 'eval')]:.2f}x"
                           for prec in precisions)
     print(f"LoRA evaluation, merged vs unmerged: {merged_vs}")
+    if native:
+        chosen = cpu.bf16_lora_path()
+        mine = sec[("Hybrid", "bf16", "train")]
+        theirs = sec[(f"Hybrid, {OTHER_BF16_PATH[chosen]} path", "bf16", "train")]
+        print(f"bf16 LoRA path: this CPU trains with the {chosen} path (cpu.bf16_lora_path): Hybrid bf16 step "
+              f"{1000 * mine:.0f} ms against {1000 * theirs:.0f} ms on the {OTHER_BF16_PATH[chosen]} path "
+              f"({theirs / mine:.2f}x; above 1 = the choice is right on this CPU)")
     print("peak matmul (square torch.mm): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items())
           + (f" (bf16 = {peak['bf16'] / peak['fp32']:.1f}x fp32)" if native else ""))
     best = precisions[-1]
@@ -337,6 +353,7 @@ def print_table(sec: dict, precisions, peak: dict, fwd: float, batch_size: int):
     rows = [row("plain way", "fp32", "plain naive-LoRA loop (reference)")]
     rows += [row("plain backbone", prec) for prec in precisions]
     rows += [row(method, prec) for method in METHODS + ("LoRA unmerged",) for prec in precisions]
+    rows += [row(name, prec) for name, prec, _ in sec if name.startswith("Hybrid, ")]  # the other bf16 path
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     print()
     for r in [head] + rows:

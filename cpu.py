@@ -36,22 +36,39 @@ def physical_cores() -> int:
     return max(1, min(cores or logical, logical))
 
 
-def cpu_has_native_bf16() -> bool:
-    """True if the CPU reports AVX512-BF16 or AMX-BF16 (x86), where bf16 matmul beats fp32."""
+def cpu_flags() -> set:
+    """The instruction-set flags the CPU reports, lower case: /proc/cpuinfo's `flags` on Linux (x86),
+    sysctl machdep.cpu's features on macOS; empty where neither says (e.g. ARM Linux)."""
     if sys.platform == "darwin":
         try:
             out = subprocess.run(["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"],
-                                 capture_output=True, text=True, timeout=5).stdout.upper()
+                                 capture_output=True, text=True, timeout=5).stdout
         except (OSError, subprocess.SubprocessError):
-            return False
-        return "AVX512BF16" in out or "AMX_BF16" in out or "AMXBF16" in out
+            return set()
+        return set(out.lower().replace("amxbf16", "amx_bf16").replace("avx512bf16", "avx512_bf16").split())
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = line.split()
-                    return "avx512_bf16" in flags or "amx_bf16" in flags
-    return False
+                    return set(line.partition(":")[2].split())
+    return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True if the CPU reports AVX512-BF16 or AMX-BF16 (x86), where bf16 matmul beats fp32."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def bf16_lora_path() -> str:
+    """Which of fast_lora.FastLoRALinear's two bf16 ways trains LoRA on this CPU: each kind gets the one
+    measured faster on it (2 cores, torch 2.14.1, ViT-Tiny, 224 px, batch 32, Hybrid step):
+    - AVX512-BF16 without AMX (AMD EPYC Zen 4, as in Ryzen 7000 laptops and desktops): "function"
+      (LoRAFunction: thin rank-r products, no merged weight), 1,067 ms against 1,148 ms merged (issue 28);
+    - AMX (Intel Xeon): "merged" (one GEMM with W + B·A·scaling), the faster when the path was written;
+    - no native bf16 (bf16 emulated, never measured; --precision auto picks fp32 there): "merged", as
+      before, so that no kind of CPU gets a path nobody measured on it."""
+    flags = cpu_flags()
+    return "function" if "avx512_bf16" in flags and "amx_bf16" not in flags else "merged"
 
 
 def cpu_name() -> str:
@@ -90,8 +107,10 @@ def use_speed_paths(model: nn.Module, precision: str, training: bool):
 
     - LoRA, training (fp32 and bf16): fast_lora.FastLoRALinear instead of lora.LoRALinear: in fp32 one
       merged-weight GEMM forward and a backward without the three thin rank-r GEMMs of the formula
-      (LoRAFunction; Hybrid's fp32 step about 1.3x faster, bench.py; the formula under --compile); under bf16 autocast one full-size
-      GEMM with W + B·A·scaling, the way measured fastest where bf16 GEMMs are fast (AVX512-BF16/AMX).
+      (LoRAFunction; Hybrid's fp32 step about 1.3x faster, bench.py; the formula under --compile); under
+      bf16 autocast either one full-size GEMM with W + B·A·scaling (bf16_path "merged", the faster on AMX)
+      or LoRAFunction ("function", the faster on AVX512-BF16 without AMX): bf16_lora_path() picks by the
+      CPU's flags.
       Both equal the formula up to float rounding (TestSpeedPaths in tests/test_cpu.py, TestFastLoRA* in
       tests/test_fast_lora.py).
     - attention, bf16 training: the fused F.scaled_dot_product_attention has a slow bf16 backward on
@@ -106,3 +125,8 @@ def use_speed_paths(model: nn.Module, precision: str, training: bool):
         if "fused_attn" in vars(m):  # timm's Attention reads this flag on every forward
             m.fused_attn = use_fused_attn() and not bf16_training
     fast_lora.use_fast_lora(model, on=training)
+    if bf16_training:
+        path = bf16_lora_path()
+        for m in model.modules():
+            if isinstance(m, fast_lora.FastLoRALinear):
+                m.bf16_path = path  # this CPU's faster way; the class default stays "merged"

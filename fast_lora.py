@@ -36,14 +36,15 @@ What FastLoRALinear.forward computes:
   - LoRA dropout (lora_dropout not Identity) -> LoRALinear.forward, the formula exactly: dropout acts on x in
                                                 the rank-r branch only, which a merged weight cannot do;
   - autocast on (bf16 training)              -> F.linear(x, W + delta_weight(), b) through autograd
-                                                (bf16_path = "merged", the default): the strategy measured
-                                                fastest on AVX512-BF16/AMX CPUs, where full-size bf16 GEMMs
-                                                are very fast and the thin, memory-bound rank-r ones are not.
-                                                LoRAFunction needs fewer backward FLOPs (for qkv, 576 * 192 +
-                                                8 * (2 * 192 + 2 * 576) MACs a token against 2 * 576 * 192,
-                                                0.56 of them), but its three thin GEMMs each stream an
-                                                (N, in) or (N, out) tensor through memory, and it has not been
-                                                measured on bf16 hardware: set bf16_path = "function" to try;
+                                                (bf16_path = "merged", the class default): the faster on
+                                                AMX CPUs, where full-size bf16 GEMMs are very fast and the
+                                                thin, memory-bound rank-r ones are not; or LoRAFunction
+                                                (bf16_path = "function"), which needs fewer backward FLOPs
+                                                (for qkv, 576 * 192 + 8 * (2 * 192 + 2 * 576) MACs a token
+                                                against 2 * 576 * 192, 0.56 of them) but streams an (N, in)
+                                                or (N, out) tensor through memory in each of its three thin
+                                                GEMMs: the faster on AVX512-BF16 without AMX (Zen 4).
+                                                cpu.use_speed_paths sets each layer's bf16_path for its CPU;
   - inside torch.compile (--compile)         -> LoRALinear.forward, the formula, which the compiler traces
                                                 whole (it cannot trace LoRAFunction's writes into a strided
                                                 view), so a compiled run computes what it did before;

@@ -2,11 +2,14 @@
 
 bench.py: runs, and says which paths it measured.
 """
+import contextlib
+import io
 import os
 import re
 import subprocess
 import sys
 import unittest
+import unittest.mock
 
 import torch
 
@@ -43,6 +46,26 @@ class TestBench(unittest.TestCase):
                      "merged vs unmerged", "peak matmul", "GFLOP/image at 32 px", "data preparation",
                      "do not predict real training"):  # 32 px, one step: a smoke test, and it says so
             self.assertIn(text, out.stdout)
+
+    def test_bf16_cpu_gets_a_row_for_the_other_lora_path(self):
+        """On a bf16 CPU (pretended here: bf16 is emulated on one without it) the Hybrid bf16 step is timed
+        on both LoRA paths: the one cpu.bf16_lora_path picks (the "Hybrid" row) and the other one."""
+        import bench
+        for chosen, other in (("function", "merged"), ("merged", "function")):
+            with self.subTest(chosen=chosen), \
+                    unittest.mock.patch.object(cpu, "cpu_has_native_bf16", return_value=True), \
+                    unittest.mock.patch.object(cpu, "bf16_lora_path", return_value=chosen), \
+                    unittest.mock.patch.object(cpu, "physical_cores", return_value=1), \
+                    unittest.mock.patch.object(bench, "peak_matmul_gflops", return_value=100.0), \
+                    unittest.mock.patch.object(sys, "argv", ["bench.py", "--img-size", "32", "--batch-size", "2",
+                                                             "--steps", "1"]), \
+                    contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
+                bench.main()
+            lines = out.getvalue().splitlines()
+            self.assertTrue(any(re.match(rf"Hybrid, {other} path +bf16 +\d", ln) for ln in lines), out.getvalue())
+            self.assertFalse(any(ln.startswith(f"Hybrid, {chosen} path") for ln in lines))
+            self.assertIn(f"bf16 LoRA path: this CPU trains with the {chosen} path", out.getvalue())
+            self.assertIn(f"on the {other} path", out.getvalue())
 
     def test_tiny_settings_warn_that_ratios_mean_nothing(self):
         import bench

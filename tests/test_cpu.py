@@ -83,6 +83,39 @@ class TestPrecisionChoice(unittest.TestCase):
             self.assertEqual(dict(zip(rows[0], rows[1]))["precision"], want)
 
 
+class TestBf16LoRAPath(unittest.TestCase):
+    """bf16 LoRA training takes the path measured faster on the CPU's kind: LoRAFunction with AVX512-BF16
+    and no AMX, the merged weight with AMX and wherever bf16 is not native; fp32 is not touched."""
+
+    def path_for(self, flag_line):
+        with unittest.mock.patch.object(cpu.sys, "platform", "linux"), \
+                unittest.mock.patch.object(cpu.os.path, "exists", return_value=True), \
+                unittest.mock.patch("builtins.open", unittest.mock.mock_open(read_data=cpuinfo(flag_line))):
+            return cpu.bf16_lora_path()
+
+    def test_path_per_cpu_kind(self):
+        self.assertEqual(self.path_for("avx2 avx512f avx512_bf16"), "function")  # Zen 4
+        self.assertEqual(self.path_for("avx2 avx512f avx512_bf16 amx_tile amx_bf16"), "merged")  # Xeon, AMX
+        self.assertEqual(self.path_for("avx2 fma"), "merged")  # bf16 emulated: as before
+        self.assertEqual(self.path_for("avx2 avx512_bf16x"), "merged")  # a whole flag, not a prefix
+
+    def test_mac_flags_are_read_the_same_way(self):
+        out = types.SimpleNamespace(stdout="AVX2 AVX512F AVX512BF16\n")
+        with unittest.mock.patch.object(cpu.sys, "platform", "darwin"), \
+                unittest.mock.patch.object(cpu.subprocess, "run", return_value=out):
+            self.assertEqual(cpu.bf16_lora_path(), "function")
+
+    def test_use_speed_paths_sets_each_layer_for_bf16_training_only(self):
+        for path in ("function", "merged"):
+            with self.subTest(path=path), unittest.mock.patch.object(cpu, "bf16_lora_path", return_value=path):
+                model = lora_hybrid()
+                cpu.use_speed_paths(model, "fp32", training=True)
+                self.assertNotIn("bf16_path", {k for m in lora.lora_layers(model) for k in vars(m)})
+                cpu.use_speed_paths(model, "bf16", training=True)
+                self.assertEqual({m.bf16_path for m in lora.lora_layers(model)}, {path})
+        self.assertEqual(fast_lora.FastLoRALinear.bf16_path, "merged")  # the class default is unchanged
+
+
 class TestSpeedPaths(unittest.TestCase):
     """cpu.use_speed_paths: fast LoRA for training (fp32 and bf16), timm's explicit attention for bf16
     training only; evaluation keeps timm's and lora.py's own forward; every switch computes the same function."""
