@@ -416,6 +416,25 @@ class TestBestLrOnValidation(unittest.TestCase):
         self.assertIn("| NormTune vs LoRA lr=0.003 | acc@1 |", out)
         self.assertIn("| NormTune vs LoRA lr=0.001 | acc@1 |", out)
 
+    def test_rates_are_compared_at_the_seeds_both_ran(self):
+        # lr 0.003 ran at seed 0 only (val 71), lr 0.001 at seeds 0-2 (val 70, 74, 74: mean 72.67): over all
+        # runs 0.001 leads, but at the one seed both ran 0.003 does, and that comparison is the fair one
+        rows = ([lora_row(0, 90, lr="0.003", val_samples="5000", **{"val_acc@1": "71"})]
+                + [lora_row(s, 80, lr="0.001", val_samples="5000", **{"val_acc@1": v})
+                   for s, v in enumerate(("70", "74", "74"))]
+                + [other_row("normtune", s, 70, 5, val_samples="5000", **{"val_acc@1": "60"}) for s in range(3)])
+        out = self.run_on(rows)
+        rows_out = summary_table_lines(out, "Best learning rate on validation")
+        best = [r for r in rows_out if "**best**" in r]
+        self.assertEqual(len(best), 1, out)
+        self.assertIn("| 0.003 |", best[0])
+        self.assertIn("| 71.00 (seed 0) |", best[0])
+        self.assertTrue(any("| 72.67 ± 2.31 |" in r and "| 70.00 (seed 0) |" in r for r in rows_out), out)
+        self.assertIn("reference LoRA lr=0.003 (best val acc@1", out)
+        # with no seed in common, every run of each counts, and the column says so
+        out = self.run_on([dict(r, seed="9") if r["lr"] == "0.003" else r for r in rows])
+        self.assertIn("| 72.67 (no shared seed: all runs) | **best** |", out)
+
     def test_without_validation_numbers_no_choice(self):
         rows = [dict(r, **{"val_acc@1": "", "val_ece": ""}) for r in self.ROWS]
         out = self.run_on(rows)
