@@ -50,6 +50,7 @@ import cli
 import common
 import cpu
 import evaluate
+import fast_lora
 import flags
 import lora
 
@@ -137,8 +138,8 @@ def suite_train_step(method, precision, batch, args, bf16_path=None):
     opt, sched = common.make_optimizer(model, common.DEFAULT_LRS[METHOD_KEY[method]], 0.01, WARMUP + args.steps)
     model.train()
     cpu.use_speed_paths(model, precision, training=True)   # as run.train does
-    for m in lora.lora_layers(model) if bf16_path else ():
-        m.bf16_path = bf16_path
+    if bf16_path:
+        fast_lora.set_bf16_path(model, bf16_path)
 
     def step():
         for _ in common.train_epoch(model, opt, sched, [batch()], precision):  # one batch, one step

@@ -126,7 +126,4 @@ def use_speed_paths(model: nn.Module, precision: str, training: bool):
             m.fused_attn = use_fused_attn() and not bf16_training
     fast_lora.use_fast_lora(model, on=training)
     if bf16_training:
-        path = bf16_lora_path()
-        for m in model.modules():
-            if isinstance(m, fast_lora.FastLoRALinear):
-                m.bf16_path = path  # this CPU's faster way; the class default stays "merged"
+        fast_lora.set_bf16_path(model, bf16_lora_path())  # this CPU's faster way (class default: merged)

@@ -179,9 +179,10 @@ class FastLoRALinear(lora.LoRALinear):
     Made by use_fast_lora(model) (which swaps __class__), not constructed directly in the scripts.
     """
 
-    # Under autocast (bf16 training): "merged" = F.linear(x, W + delta_weight(), b) through autograd (measured
-    # fastest with bf16 on AVX512-BF16/AMX CPUs); "function" = LoRAFunction in bf16 (0.56 of the backward
-    # FLOPs, unmeasured on bf16 hardware). Both compute the formula's function; see the module docstring.
+    # Under autocast (bf16 training): "merged" = F.linear(x, W + delta_weight(), b) through autograd (the
+    # faster on AMX CPUs); "function" = LoRAFunction in bf16 (0.56 of the backward FLOPs; the faster on
+    # AVX512-BF16 without AMX). set_bf16_path sets it per layer (cpu.use_speed_paths: by the CPU's flags).
+    # Both compute the formula's function; see the module docstring.
     bf16_path = "merged"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,6 +198,13 @@ class FastLoRALinear(lora.LoRALinear):
             return lora.LoRALinear.forward(self, x)  # what --compile traced before this path existed
         return LoRAFunction.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B,
                                   float(self.scaling))
+
+
+def set_bf16_path(model: torch.nn.Module, path: str):
+    """Every FastLoRALinear in `model` trains under bf16 autocast the `path` way: "merged" or "function"."""
+    for m in model.modules():
+        if isinstance(m, FastLoRALinear):
+            m.bf16_path = path
 
 
 def use_fast_lora(model: torch.nn.Module, on: bool = True) -> int:
