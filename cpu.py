@@ -65,8 +65,9 @@ def bf16_lora_path() -> str:
     - AVX512-BF16 without AMX (AMD EPYC Zen 4, as in Ryzen 7000 laptops and desktops): "function"
       (LoRAFunction: thin rank-r products, no merged weight), 1,067 ms against 1,148 ms merged (issue 28);
     - AMX (Intel Xeon): "merged" (one GEMM with W + B·A·scaling), the faster when the path was written;
-    - no native bf16 (bf16 emulated, never measured; --precision auto picks fp32 there): "merged", as
-      before, so that no kind of CPU gets a path nobody measured on it."""
+    - no native bf16 (bf16 emulated, 15-20x slower than fp32, so --precision auto picks fp32 there):
+      "merged", as before; one real run each on an AVX2-only Zen 3 (GUIDE.md, issue 28) is not a timing
+      to choose a path by."""
     flags = cpu_flags()
     return "function" if "avx512_bf16" in flags and "amx_bf16" not in flags else "merged"
 
