@@ -64,12 +64,12 @@ def bf16_lora_path() -> str:
     measured faster on it (2 cores, torch 2.14.1, ViT-Tiny, 224 px, batch 32, Hybrid step):
     - AVX512-BF16 without AMX (AMD EPYC Zen 4, as in Ryzen 7000 laptops and desktops): "function"
       (LoRAFunction: thin rank-r products, no merged weight), 1,067 ms against 1,148 ms merged (issue 28);
-    - AMX (Intel Xeon): "merged" (one GEMM with W + B·A·scaling), the faster when the path was written;
+    - AMX (Intel Xeon, family 6 model 167; bench.py and 3 x 20 interleaved steps): "function" too,
+      440-452 ms against 444-463 ms merged (0.97-0.99x; NormTune's bf16 step 343-355 ms);
     - no native bf16 (bf16 emulated, 15-20x slower than fp32, so --precision auto picks fp32 there):
       "merged", as before; one real run each on an AVX2-only Zen 3 (GUIDE.md, issue 28) is not a timing
       to choose a path by."""
-    flags = cpu_flags()
-    return "function" if "avx512_bf16" in flags and "amx_bf16" not in flags else "merged"
+    return "function" if cpu_has_native_bf16() else "merged"
 
 
 def cpu_name() -> str:
@@ -109,9 +109,9 @@ def use_speed_paths(model: nn.Module, precision: str, training: bool):
     - LoRA, training (fp32 and bf16): fast_lora.FastLoRALinear instead of lora.LoRALinear: in fp32 one
       merged-weight GEMM forward and a backward without the three thin rank-r GEMMs of the formula
       (LoRAFunction; Hybrid's fp32 step about 1.3x faster, bench.py; the formula under --compile); under
-      bf16 autocast either one full-size GEMM with W + B·A·scaling (bf16_path "merged", the faster on AMX)
-      or LoRAFunction ("function", the faster on AVX512-BF16 without AMX): bf16_lora_path() picks by the
-      CPU's flags.
+      bf16 autocast either LoRAFunction (bf16_path "function", measured the faster on both native-bf16
+      kinds, AVX512-BF16 and AMX) or, where bf16 is emulated, one full-size GEMM with W + B·A·scaling
+      ("merged"): bf16_lora_path() picks by the CPU's flags.
       Both equal the formula up to float rounding (TestSpeedPaths in tests/test_cpu.py, TestFastLoRA* in
       tests/test_fast_lora.py).
     - attention, bf16 training: the fused F.scaled_dot_product_attention has a slow bf16 backward on

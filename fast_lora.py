@@ -36,14 +36,14 @@ What FastLoRALinear.forward computes:
   - LoRA dropout (lora_dropout not Identity) -> LoRALinear.forward, the formula exactly: dropout acts on x in
                                                 the rank-r branch only, which a merged weight cannot do;
   - autocast on (bf16 training)              -> F.linear(x, W + delta_weight(), b) through autograd
-                                                (bf16_path = "merged", the class default): the faster on
-                                                AMX CPUs, where full-size bf16 GEMMs are very fast and the
-                                                thin, memory-bound rank-r ones are not; or LoRAFunction
-                                                (bf16_path = "function"), which needs fewer backward FLOPs
-                                                (for qkv, 576 * 192 + 8 * (2 * 192 + 2 * 576) MACs a token
-                                                against 2 * 576 * 192, 0.56 of them) but streams an (N, in)
-                                                or (N, out) tensor through memory in each of its three thin
-                                                GEMMs: the faster on AVX512-BF16 without AMX (Zen 4).
+                                                (bf16_path = "merged", the class default, kept where
+                                                bf16 is emulated), or LoRAFunction (bf16_path =
+                                                "function"), which needs fewer backward FLOPs (for qkv,
+                                                576 * 192 + 8 * (2 * 192 + 2 * 576) MACs a token against
+                                                2 * 576 * 192, 0.56 of them) but streams an (N, in) or
+                                                (N, out) tensor through memory in each of its three thin
+                                                GEMMs: measured the faster on AVX512-BF16 without AMX
+                                                (Zen 4, 7 %) and on an AMX Xeon (1-3 %).
                                                 cpu.use_speed_paths sets each layer's bf16_path for its CPU;
   - inside torch.compile (--compile)         -> LoRALinear.forward, the formula, which the compiler traces
                                                 whole (it cannot trace LoRAFunction's writes into a strided
@@ -179,9 +179,9 @@ class FastLoRALinear(lora.LoRALinear):
     Made by use_fast_lora(model) (which swaps __class__), not constructed directly in the scripts.
     """
 
-    # Under autocast (bf16 training): "merged" = F.linear(x, W + delta_weight(), b) through autograd (the
-    # faster on AMX CPUs); "function" = LoRAFunction in bf16 (0.56 of the backward FLOPs; the faster on
-    # AVX512-BF16 without AMX). set_bf16_path sets it per layer (cpu.use_speed_paths: by the CPU's flags).
+    # Under autocast (bf16 training): "merged" = F.linear(x, W + delta_weight(), b) through autograd (kept
+    # where bf16 is emulated); "function" = LoRAFunction in bf16 (0.56 of the backward FLOPs; the faster on
+    # AVX512-BF16 and on AMX). set_bf16_path sets it per layer (cpu.use_speed_paths: by the CPU's flags).
     # Both compute the formula's function; see the module docstring.
     bf16_path = "merged"
 

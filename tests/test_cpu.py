@@ -84,8 +84,8 @@ class TestPrecisionChoice(unittest.TestCase):
 
 
 class TestBf16LoRAPath(unittest.TestCase):
-    """bf16 LoRA training takes the path measured faster on the CPU's kind: LoRAFunction with AVX512-BF16
-    and no AMX, the merged weight with AMX and wherever bf16 is not native; fp32 is not touched."""
+    """bf16 LoRA training takes the path measured faster on the CPU's kind: LoRAFunction with native bf16
+    (AVX512-BF16 with or without AMX), the merged weight wherever bf16 is emulated; fp32 is not touched."""
 
     def path_for(self, flag_line):
         with unittest.mock.patch.object(cpu.sys, "platform", "linux"), \
@@ -95,7 +95,8 @@ class TestBf16LoRAPath(unittest.TestCase):
 
     def test_path_per_cpu_kind(self):
         self.assertEqual(self.path_for("avx2 avx512f avx512_bf16"), "function")  # Zen 4
-        self.assertEqual(self.path_for("avx2 avx512f avx512_bf16 amx_tile amx_bf16"), "merged")  # Xeon, AMX
+        self.assertEqual(self.path_for("avx2 avx512f avx512_bf16 amx_tile amx_bf16"), "function")  # Xeon, AMX
+        self.assertEqual(self.path_for("avx2 avx512f amx_tile amx_bf16"), "function")  # AMX alone is native bf16
         self.assertEqual(self.path_for("avx2 fma"), "merged")  # bf16 emulated: as before
         self.assertEqual(self.path_for("avx2 avx512_bf16x"), "merged")  # a whole flag, not a prefix
 
