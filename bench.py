@@ -294,7 +294,7 @@ def main():
 
     print(f"timing {len(steps)} setups...", file=sys.stderr, flush=True)
     sec = interleaved_medians(steps, args.steps)
-    print_table(sec, precisions, peak, fwd, args.batch_size)
+    print_table(sec, precisions, peak, fwd, args.batch_size, cpu.bf16_lora_path() if native else None)
     print()
     ips = {k: args.batch_size / s for k, s in sec.items()}   # images per second
     merged_vs = ", ".join(f"{prec} {ips[('LoRA', prec, 'eval')] / ips[('LoRA unmerged', prec, 'eval')]:.2f}x"
@@ -323,8 +323,9 @@ def main():
         print(caveat)
 
 
-def print_table(sec: dict, precisions, peak: dict, fwd: float, batch_size: int):
-    """One line per setup: training (img/s, ms/step, x plain, x NormTune, % peak), evaluation, 50k epoch."""
+def print_table(sec: dict, precisions, peak: dict, fwd: float, batch_size: int, bf16_path=None):
+    """One line per setup: training (img/s, ms/step, x plain, x NormTune, % peak), evaluation, 50k epoch;
+    bf16_path: the bf16 LoRA path this CPU trains with, named in the LoRA and Hybrid bf16 rows."""
     ips = {k: batch_size / s for k, s in sec.items()}
     ref_train = ips[("plain way", "fp32", "train")]
 
@@ -353,7 +354,9 @@ def print_table(sec: dict, precisions, peak: dict, fwd: float, batch_size: int):
             "x backbone", "% peak", "50k epoch"]
     rows = [row("plain way", "fp32", "plain naive-LoRA loop (reference)")]
     rows += [row("plain backbone", prec) for prec in precisions]
-    rows += [row(method, prec) for method in METHODS + ("LoRA unmerged",) for prec in precisions]
+    rows += [row(method, prec, f"{method}, {bf16_path} path (this CPU's)" if prec == "bf16" and bf16_path
+                 and method in ("LoRA", "Hybrid") else None)
+             for method in METHODS + ("LoRA unmerged",) for prec in precisions]
     rows += [row(name, prec) for name, prec, _ in sec if name.startswith("Hybrid, ")]  # the other bf16 path
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     print()

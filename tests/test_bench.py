@@ -35,10 +35,11 @@ class TestBench(unittest.TestCase):
         self.assertEqual(out.returncode, 0, out.stderr)
         precisions = ("fp32", "bf16") if cpu.cpu_has_native_bf16() else ("fp32",)
         lines = out.stdout.splitlines()
-        self.assertTrue(any(ln.startswith("plain naive-LoRA loop (reference)  fp32") for ln in lines), out.stdout)
+        self.assertTrue(any(re.match(r"plain naive-LoRA loop \(reference\) +fp32 ", ln) for ln in lines), out.stdout)
         for name in ("plain backbone", "linear probe", "LoRA", "NormTune", "Hybrid", "full fine-tune", "LoRA unmerged"):
             for precision in precisions:
-                self.assertTrue(any(re.match(rf"{re.escape(name)} +{precision} ", ln) for ln in lines),
+                self.assertTrue(any(re.match(rf"{re.escape(name)}(, \w+ path \(this CPU's\))? +{precision} ", ln)
+                                    for ln in lines),
                                 f"no {name} {precision} row in:\n{out.stdout}")
         if "bf16" not in precisions:
             self.assertFalse(any(re.search(r"\bbf16\b +\d", ln) for ln in lines))
@@ -49,7 +50,7 @@ class TestBench(unittest.TestCase):
 
     def test_bf16_cpu_gets_a_row_for_the_other_lora_path(self):
         """On a bf16 CPU (pretended here: bf16 is emulated on one without it) the Hybrid bf16 step is timed
-        on both LoRA paths: the one cpu.bf16_lora_path picks (the "Hybrid" row) and the other one."""
+        on both LoRA paths: the one cpu.bf16_lora_path picks (the "Hybrid" row, which names it) and the other."""
         import bench
         for chosen, other in (("function", "merged"), ("merged", "function")):
             with self.subTest(chosen=chosen), \
@@ -63,7 +64,11 @@ class TestBench(unittest.TestCase):
                 bench.main()
             lines = out.getvalue().splitlines()
             self.assertTrue(any(re.match(rf"Hybrid, {other} path +bf16 +\d", ln) for ln in lines), out.getvalue())
-            self.assertFalse(any(ln.startswith(f"Hybrid, {chosen} path") for ln in lines))
+            for method in ("LoRA", "Hybrid"):  # the chosen path is named in its rows, and only there
+                self.assertTrue(any(re.match(rf"{method}, {chosen} path \(this CPU's\) +bf16 +\d", ln) for ln in lines))
+                self.assertFalse(any(ln.startswith(f"{method}, {chosen} path") and "this CPU's" not in ln
+                                     for ln in lines))
+            self.assertFalse(any(re.match(r"(LoRA|Hybrid), \w+ path \(this CPU's\) +fp32", ln) for ln in lines))
             self.assertIn(f"bf16 LoRA path: this CPU trains with the {chosen} path", out.getvalue())
             self.assertIn(f"on the {other} path", out.getvalue())
 
