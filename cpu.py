@@ -65,7 +65,8 @@ def bf16_lora_path() -> str:
     - AVX512-BF16 without AMX (AMD EPYC Zen 4, as in Ryzen 7000 laptops and desktops): "function"
       (LoRAFunction: thin rank-r products, no merged weight), 1,067 ms against 1,148 ms merged (issue 28);
     - AMX (Intel Xeon, family 6 model 167; bench.py and 3 x 20 interleaved steps): "function" too,
-      440-452 ms against 444-463 ms merged (0.97-0.99x; NormTune's bf16 step 343-355 ms);
+      440-452 ms against 444-463 ms merged (0.97-0.99x; NormTune's bf16 step 343-355 ms), and
+      611 against 616 ms in bench.py after the switch (a slower hour; NormTune 459 ms);
     - no native bf16 (bf16 emulated, 15-20x slower than fp32, so --precision auto picks fp32 there):
       "merged", as before; one real run each on an AVX2-only Zen 3 (GUIDE.md, issue 28) is not a timing
       to choose a path by."""
