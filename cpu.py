@@ -62,8 +62,10 @@ def cpu_has_native_bf16() -> bool:
 def bf16_lora_path() -> str:
     """Which of fast_lora.FastLoRALinear's two bf16 ways trains LoRA on this CPU: each kind gets the one
     measured faster on it (2 cores, torch 2.14.1, ViT-Tiny, 224 px, batch 32, Hybrid step):
-    - AVX512-BF16 without AMX (AMD EPYC Zen 4, as in Ryzen 7000 laptops and desktops): "function"
-      (LoRAFunction: thin rank-r products, no merged weight), 1,067 ms against 1,148 ms merged (issue 28);
+    - AVX512-BF16 without AMX (AMD EPYC Zen 4, family 25 model 17, as in Ryzen 7000 laptops and
+      desktops): "function" (LoRAFunction: thin rank-r products, no merged weight), 1,067 ms against
+      1,148 ms merged (issue 28), and in bench.py after the switch 849 against 987 ms (1.16x) and 939
+      against 1,009 ms (1.07x; NormTune 725 and 760 ms);
     - AMX (Intel Xeon, family 6 model 167; bench.py and 3 x 20 interleaved steps): "function" too,
       440-452 ms against 444-463 ms merged (0.97-0.99x; NormTune's bf16 step 343-355 ms), and
       611 against 616 ms in bench.py after the switch (a slower hour; NormTune 459 ms);

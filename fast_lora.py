@@ -43,7 +43,7 @@ What FastLoRALinear.forward computes:
                                                 2 * 576 * 192, 0.56 of them) but streams an (N, in) or
                                                 (N, out) tensor through memory in each of its three thin
                                                 GEMMs: measured the faster on AVX512-BF16 without AMX
-                                                (Zen 4, 7 %) and on an AMX Xeon (1-3 %).
+                                                (Zen 4, 7-14 %) and on an AMX Xeon (1-3 %).
                                                 cpu.use_speed_paths sets each layer's bf16_path for its CPU;
   - inside torch.compile (--compile)         -> LoRALinear.forward, the formula, which the compiler traces
                                                 whole (it cannot trace LoRAFunction's writes into a strided
