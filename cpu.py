@@ -76,15 +76,24 @@ def bf16_lora_path() -> str:
 
 
 def cpu_name() -> str:
-    """The CPU's model name (for the results row: a timing is a claim about one CPU)."""
+    """The CPU's model name (for the results row: a timing is a claim about one CPU). On Linux with its
+    family and model numbers, e.g. "AMD EPYC (family 25 model 17)": a cloud CPU's name alone ("AMD EPYC",
+    "Intel(R) Xeon(R) Processor") does not tell a Zen 3 from a Zen 4, or which Xeon."""
     try:
         if sys.platform == "darwin":
             return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
                                   text=True, timeout=5).stdout.strip()
+        fields = {}
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
+                key, _, val = line.partition(":")
+                if not key.strip():
+                    break  # the first processor's block is enough
+                fields.setdefault(key.strip(), val.strip())
+        name = fields.get("model name", "")
+        if name and "cpu family" in fields and "model" in fields:
+            name += f" (family {fields['cpu family']} model {fields['model']})"
+        return name
     except (OSError, subprocess.SubprocessError):
         pass
     return ""

@@ -56,6 +56,16 @@ class TestPrecisionChoice(unittest.TestCase):
             with sysctl("AVX2 AVX512F AVX512BF16\n"):
                 self.assertTrue(cpu.cpu_has_native_bf16())
 
+    def test_cpu_name_says_family_and_model_on_linux(self):  # "AMD EPYC" alone: a Zen 3 or a Zen 4?
+        text = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                "model name\t: AMD EPYC\nflags\t\t: avx2\n\nprocessor\t: 1\ncpu family\t: 6\nmodel\t\t: 1\n")
+        with unittest.mock.patch.object(cpu.sys, "platform", "linux"), \
+                unittest.mock.patch("builtins.open", unittest.mock.mock_open(read_data=text)):
+            self.assertEqual(cpu.cpu_name(), "AMD EPYC (family 25 model 17)")
+        with unittest.mock.patch.object(cpu.sys, "platform", "linux"), \
+                unittest.mock.patch("builtins.open", unittest.mock.mock_open(read_data=cpuinfo("avx2"))):
+            self.assertEqual(cpu.cpu_name(), "Some CPU")  # no family/model lines (e.g. ARM): the name alone
+
     def test_explicit_choice_is_kept(self):
         with unittest.mock.patch.object(cpu, "cpu_has_native_bf16", return_value=False):
             self.assertEqual(cpu.resolve_precision("bf16"), "bf16")
