@@ -46,12 +46,21 @@ def cpu_flags() -> set:
         except (OSError, subprocess.SubprocessError):
             return set()
         return set(out.lower().replace("amxbf16", "amx_bf16").replace("avx512bf16", "avx512_bf16").split())
+    return set(cpuinfo_fields().get("flags", "").split())
+
+
+def cpuinfo_fields() -> dict:
+    """Linux's /proc/cpuinfo, first processor's block, as {"model name": ..., "cpu family": ..., "flags": ...};
+    empty where there is no such file (macOS)."""
+    fields = {}
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
-    return set()
+                key, _, val = line.partition(":")
+                if not key.strip():
+                    break  # a blank line ends the first processor's block: the others repeat it
+                fields.setdefault(key.strip(), val.strip())
+    return fields
 
 
 def cpu_has_native_bf16() -> bool:
@@ -83,13 +92,7 @@ def cpu_name() -> str:
         if sys.platform == "darwin":
             return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
                                   text=True, timeout=5).stdout.strip()
-        fields = {}
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, val = line.partition(":")
-                if not key.strip():
-                    break  # the first processor's block is enough
-                fields.setdefault(key.strip(), val.strip())
+        fields = cpuinfo_fields()
         name = fields.get("model name", "")
         if name and "cpu family" in fields and "model" in fields:
             name += f" (family {fields['cpu family']} model {fields['model']})"

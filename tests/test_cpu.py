@@ -59,12 +59,13 @@ class TestPrecisionChoice(unittest.TestCase):
     def test_cpu_name_says_family_and_model_on_linux(self):  # "AMD EPYC" alone: a Zen 3 or a Zen 4?
         text = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
                 "model name\t: AMD EPYC\nflags\t\t: avx2\n\nprocessor\t: 1\ncpu family\t: 6\nmodel\t\t: 1\n")
-        with unittest.mock.patch.object(cpu.sys, "platform", "linux"), \
-                unittest.mock.patch("builtins.open", unittest.mock.mock_open(read_data=text)):
-            self.assertEqual(cpu.cpu_name(), "AMD EPYC (family 25 model 17)")
-        with unittest.mock.patch.object(cpu.sys, "platform", "linux"), \
-                unittest.mock.patch("builtins.open", unittest.mock.mock_open(read_data=cpuinfo("avx2"))):
-            self.assertEqual(cpu.cpu_name(), "Some CPU")  # no family/model lines (e.g. ARM): the name alone
+        def name(cpuinfo_text):
+            with unittest.mock.patch.object(cpu.sys, "platform", "linux"), \
+                    unittest.mock.patch.object(cpu.os.path, "exists", return_value=True), \
+                    unittest.mock.patch("builtins.open", unittest.mock.mock_open(read_data=cpuinfo_text)):
+                return cpu.cpu_name()
+        self.assertEqual(name(text), "AMD EPYC (family 25 model 17)")  # the first processor's, not the second's
+        self.assertEqual(name(cpuinfo("avx2")), "Some CPU")  # no family/model lines (e.g. ARM): the name alone
 
     def test_explicit_choice_is_kept(self):
         with unittest.mock.patch.object(cpu, "cpu_has_native_bf16", return_value=False):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import unittest
 
 import numpy as np
@@ -55,7 +56,9 @@ class TestEndToEnd(WithCheckpointFile, unittest.TestCase):
 
     def check_run(self, method, runner=run_main):
         results = os.path.join(self.tmp.name, f"{method}.csv")
+        t0 = time.perf_counter()
         out = runner(SCRIPTS[method], *tiny_flags(results, "--weights", self.ckpt, "--epochs", "2"))
+        wall_s = time.perf_counter() - t0
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertIn("acc@1", out.stdout)
         self.assertIn("params: lora", out.stdout)
@@ -78,6 +81,7 @@ class TestEndToEnd(WithCheckpointFile, unittest.TestCase):
         self.assertIn(f"acc@1 {acc:.2f} %  ece {ece:.2f} %", out.stdout)
         # seconds with one decimal; a tiny run (a linear probe on 20 images) can take under 0.05 s: "0.0"
         self.assertRegex(row["train_time_s"], r"^\d+\.\d$")
+        self.assertLessEqual(float(row["train_time_s"]), wall_s + 0.05)  # training only: within the run's wall time
         self.assertAlmostEqual(float(row["time_per_epoch_s"]), float(row["train_time_s"]) / 2, delta=0.1)
         self.assertIn(row["precision"], ("fp32", "bf16"))
         self.assertTrue(os.path.isfile(os.path.join(self.tmp.name, row["calibration_file"])))
